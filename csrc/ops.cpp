@@ -1,0 +1,33 @@
+// Every nflux operator schema, in one place, and the nflux._C Python module (build info only:
+// tensors never cross pybind11; Python reaches the ops through torch.ops.nflux).
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+#ifndef NFLUX_VERSION
+#define NFLUX_VERSION "0.0.0"
+#endif
+
+TORCH_LIBRARY(nflux, m) {
+  m.def(
+      "rq_spline(Tensor inputs, Tensor unnormalized_widths, Tensor unnormalized_heights, "
+      "Tensor unnormalized_derivatives, bool inverse, float tail_bound, float min_bin_width, "
+      "float min_bin_height, float min_derivative) -> (Tensor outputs, Tensor logabsdet)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "rq_spline_backward(Tensor grad_outputs, Tensor grad_logabsdet, Tensor inputs, "
+      "Tensor unnormalized_widths, Tensor unnormalized_heights, Tensor unnormalized_derivatives, "
+      "bool inverse, float tail_bound, float min_bin_width, float min_bin_height, "
+      "float min_derivative) -> (Tensor grad_inputs, Tensor grad_widths, Tensor grad_heights, "
+      "Tensor grad_derivatives)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+PYBIND11_MODULE(_C, module) {
+  module.attr("__version__") = NFLUX_VERSION;
+  module.attr("cpu_kernels") = true;
+#ifdef NFLUX_WITH_CUDA
+  module.attr("cuda_kernels") = true;
+#else
+  module.attr("cuda_kernels") = false;
+#endif
+}

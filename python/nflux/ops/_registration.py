@@ -1,0 +1,39 @@
+"""Helpers to give a native op its fake kernel, autograd and vmap rules in one place."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def register_elementwise_vmap(qualname: str, tensor_args: int, outputs: int) -> None:
+    """vmap rule for an op whose first `tensor_args` arguments share leading dimensions.
+
+    The vmapped dimension is moved to the front of every tensor (expanding those that lack it),
+    so one call of the op serves the whole batch.
+    """
+    op = torch.ops.nflux
+    for part in qualname.split("::")[1].split("."):
+        op = getattr(op, part)
+
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        moved = []
+        for arg, dim in zip(args[:tensor_args], in_dims[:tensor_args]):
+            moved.append(
+                arg.expand(size, *arg.shape) if dim is None else arg.movedim(dim, 0)
+            )
+        result = op(*moved, *args[tensor_args:])
+        return result, (0,) * outputs
+
+    torch.library.register_vmap(qualname, rule)
+
+
+def fake_like(*templates: Sequence[int]) -> Callable:
+    """A fake kernel returning empty tensors shaped like the given argument positions."""
+
+    def fake(*args):
+        return tuple(torch.empty_like(args[i]) for i in templates)
+
+    return fake
