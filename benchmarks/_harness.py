@@ -1,0 +1,113 @@
+"""Timing and memory helpers shared by the benchmark scripts.
+
+Everything a script reports is measured side by side in one run, so ratios are meaningful on a
+noisy machine even when absolute times are not.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], *, device: str = "cpu", repeat: int = 7, warmup: int = 2,
+            min_time: float = 0.2) -> float:
+    """Median seconds per call over `repeat` rounds, each long enough to reach `min_time`."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    once = max(time.perf_counter() - start, 1e-6)
+    inner = max(1, int(min_time / once / repeat) + 1)
+    samples = []
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync(device)
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> None:
+    """Resets VmHWM (peak RSS) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def peak_extra_memory_args(script: str, case: str, extra_args: list[str]) -> int:
+    """Peak memory, in bytes, that `case` of a benchmark script needs above its inputs.
+
+    Each case runs in a fresh process (so earlier cases cannot raise the high-water mark); the
+    script, called with `--memory-case NAME`, prints that process's peak RSS minus its RSS just
+    before the measured call.
+    """
+    result = subprocess.run(
+        [sys.executable, script, "--memory-case", case, *extra_args], capture_output=True, text=True, check=True
+    )
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def measure_peak_in_process(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak bytes allocated by one call of fn beyond what was live before it."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    reset_peak_rss()
+    before = rss_bytes()
+    fn()
+    return max(0, peak_rss_bytes() - before)
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    print(line)
+    print("-" * len(line))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
