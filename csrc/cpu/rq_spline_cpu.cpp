@@ -1,25 +1,54 @@
-// CPU kernels of rq_spline and rq_spline_backward: a parallel loop over elements calling the
-// shared per-element math in nflux/rq_spline.h.
+// CPU glue of rq_spline and rq_spline_backward: checks, then a parallel loop over elements
+// that runs the SIMD lanes of rq_spline_lanes_<isa>.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
 #include <tuple>
-#include <vector>
 
 #include "../checks.h"
-#include "nflux/rq_spline.h"
+#include "rq_spline_lanes.h"
 
 namespace nflux {
 namespace {
 
-// Enough elements per task that the scratch allocation and thread wake-up are amortised.
-constexpr int64_t kGrainSize = 2048;
+// Elements per parallel task: enough that thread wake-up is amortised.
+constexpr int64_t kGrainSize = 4096;
 
-template <typename acc_t>
-rq::Options<acc_t> make_options(double tail_bound, double min_w, double min_h, double min_d) {
-  return {static_cast<acc_t>(tail_bound), static_cast<acc_t>(min_w), static_cast<acc_t>(min_h),
-          static_cast<acc_t>(min_d)};
+// AVX2+FMA loops when the CPU has them (NFLUX_CPU_ISA=generic forces the baseline loops).
+bool use_avx2() {
+#if defined(NFLUX_HAVE_AVX2)
+  static const bool avx2 = [] {
+    const char* isa = std::getenv("NFLUX_CPU_ISA");
+    if (isa != nullptr && std::string(isa) == "generic") return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return avx2;
+#else
+  return false;
+#endif
+}
+
+template <typename scalar_t>
+void run_forward(const RqSplineCall<scalar_t>& call, int64_t n) {
+  at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
+#if defined(NFLUX_HAVE_AVX2)
+    if (use_avx2()) return avx2::rq_spline_forward_range(call, begin, end);
+#endif
+    generic::rq_spline_forward_range(call, begin, end);
+  });
+}
+
+template <typename scalar_t>
+void run_backward(const RqSplineCall<scalar_t>& call, int64_t n) {
+  at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
+#if defined(NFLUX_HAVE_AVX2)
+    if (use_avx2()) return avx2::rq_spline_backward_range(call, begin, end);
+#endif
+    generic::rq_spline_backward_range(call, begin, end);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> rq_spline_cpu(const at::Tensor& inputs,
@@ -40,24 +69,20 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_cpu(const at::Tensor& inputs,
   if (n == 0) return {out, logabsdet};
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rq_spline_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const auto opt = make_options<acc>(tail_bound, min_bin_width, min_bin_height, min_derivative);
-    const scalar_t* px = x.data_ptr<scalar_t>();
-    const scalar_t* pw = uw.data_ptr<scalar_t>();
-    const scalar_t* ph = uh.data_ptr<scalar_t>();
-    const scalar_t* pd = ud.data_ptr<scalar_t>();
-    scalar_t* py = out.data_ptr<scalar_t>();
-    scalar_t* pl = logabsdet.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
-      std::vector<acc> scratch(rq::forward_scratch(K));
-      for (int64_t i = begin; i < end; ++i) {
-        acc y, lad;
-        rq::evaluate(static_cast<acc>(px[i]), pw + i * K, ph + i * K, pd + i * (K - 1), K,
-                     inverse, opt, scratch.data(), y, lad);
-        py[i] = static_cast<scalar_t>(y);
-        pl[i] = static_cast<scalar_t>(lad);
-      }
-    });
+    RqSplineCall<scalar_t> call{};
+    call.x = x.data_ptr<scalar_t>();
+    call.uw = uw.data_ptr<scalar_t>();
+    call.uh = uh.data_ptr<scalar_t>();
+    call.ud = ud.data_ptr<scalar_t>();
+    call.y = out.data_ptr<scalar_t>();
+    call.lad = logabsdet.data_ptr<scalar_t>();
+    call.K = K;
+    call.inverse = inverse;
+    call.tail_bound = tail_bound;
+    call.min_bin_width = min_bin_width;
+    call.min_bin_height = min_bin_height;
+    call.min_derivative = min_derivative;
+    run_forward(call, n);
   });
   return {out, logabsdet};
 }
@@ -88,29 +113,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rq_spline_backward_cp
   if (n == 0) return {gx, gw, gh, gd};
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rq_spline_backward_cpu", [&] {
-    using acc = acc_t<scalar_t>;
-    const auto opt = make_options<acc>(tail_bound, min_bin_width, min_bin_height, min_derivative);
-    const scalar_t* px = x.data_ptr<scalar_t>();
-    const scalar_t* pw = uw.data_ptr<scalar_t>();
-    const scalar_t* ph = uh.data_ptr<scalar_t>();
-    const scalar_t* pd = ud.data_ptr<scalar_t>();
-    const scalar_t* pgo = go.data_ptr<scalar_t>();
-    const scalar_t* pgl = gl.data_ptr<scalar_t>();
-    scalar_t* pgx = gx.data_ptr<scalar_t>();
-    scalar_t* pgw = gw.data_ptr<scalar_t>();
-    scalar_t* pgh = gh.data_ptr<scalar_t>();
-    scalar_t* pgd = gd.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
-      std::vector<acc> scratch(rq::backward_scratch(K));
-      for (int64_t i = begin; i < end; ++i) {
-        acc g_in;
-        rq::evaluate_backward(static_cast<acc>(px[i]), pw + i * K, ph + i * K, pd + i * (K - 1),
-                              K, inverse, opt, static_cast<acc>(pgo[i]), static_cast<acc>(pgl[i]),
-                              scratch.data(), g_in, pgw + i * K, pgh + i * K,
-                              pgd + i * (K - 1));
-        pgx[i] = static_cast<scalar_t>(g_in);
-      }
-    });
+    RqSplineCall<scalar_t> call{};
+    call.x = x.data_ptr<scalar_t>();
+    call.uw = uw.data_ptr<scalar_t>();
+    call.uh = uh.data_ptr<scalar_t>();
+    call.ud = ud.data_ptr<scalar_t>();
+    call.g_out = go.data_ptr<scalar_t>();
+    call.g_lad = gl.data_ptr<scalar_t>();
+    call.g_x = gx.data_ptr<scalar_t>();
+    call.g_uw = gw.data_ptr<scalar_t>();
+    call.g_uh = gh.data_ptr<scalar_t>();
+    call.g_ud = gd.data_ptr<scalar_t>();
+    call.K = K;
+    call.inverse = inverse;
+    call.tail_bound = tail_bound;
+    call.min_bin_width = min_bin_width;
+    call.min_bin_height = min_bin_height;
+    call.min_derivative = min_derivative;
+    run_backward(call, n);
   });
   return {gx, gw, gh, gd};
 }

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define NFLUX_HOST_DEVICE __host__ __device__ __forceinline__
@@ -10,24 +11,121 @@
 #define NFLUX_HOST_DEVICE inline
 #endif
 
+// The CPU kernels are compiled once per instruction set (generic, AVX2); each copy of the
+// inline math lives in its own inline namespace so the linker never mixes them up.
+#ifndef NFLUX_ISA_NAMESPACE
+#define NFLUX_ISA_NAMESPACE generic
+#endif
+
 namespace nflux {
+inline namespace NFLUX_ISA_NAMESPACE {
 
 // Accumulation type: float for float/half/bfloat16, double for double.
 template <typename T> struct acc_type { using type = float; };
 template <> struct acc_type<double> { using type = double; };
 template <typename T> using acc_t = typename acc_type<T>::type;
 
-// Overloads that pick the float or double libm function on host and device alike.
+#if defined(__CUDACC__)
+#define NFLUX_RESTRICT __restrict__
+#else
+#define NFLUX_RESTRICT __restrict
+#endif
+
+NFLUX_HOST_DEVICE int32_t bits_of(float v) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(v);
+#else
+  int32_t i;
+  std::memcpy(&i, &v, sizeof i);
+  return i;
+#endif
+}
+
+NFLUX_HOST_DEVICE float float_of(int32_t i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  float v;
+  std::memcpy(&v, &i, sizeof v);
+  return v;
+#endif
+}
+
+// Branch-free float exp and log (Cephes polynomials, within 2 ulp of libm, inf/NaN/0 kept).
+// A loop over elements that calls them vectorises; a loop calling libm's expf does not.
+NFLUX_HOST_DEVICE float exp_poly(float x) {
+  const float hi = 88.72283905f, lo = -87.33654475f;
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  // Round x/ln2 to nearest with the 1.5*2^23 trick (no libm call, vectorises on SSE2).
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  // 2^n in two halves, so n = 128 (x near hi) does not overflow the exponent field.
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t half = ni >> 1;
+  const float scaled = y * float_of((half + 127) << 23) * float_of((ni - half + 127) << 23);
+  const float inf = float_of(0x7f800000);
+  return x > hi ? inf : (x < lo ? 0.0f : scaled);
+}
+
+NFLUX_HOST_DEVICE float log_poly(float x) {
+  const bool subnormal = x < 1.17549435e-38f;
+  const float xs = subnormal ? x * 8388608.0f : x;  // * 2^23
+  const int32_t bits = bits_of(xs);
+  int32_t e = ((bits >> 23) & 0xff) - 126 - (subnormal ? 23 : 0);
+  float m = float_of((bits & 0x007fffff) | 0x3f000000);  // xs = m * 2^e, m in [0.5, 1)
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1 : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  const float fe = static_cast<float>(e);
+  y = y * m * z - 2.12194440e-4f * fe - 0.5f * z;
+  const float result = m + y + 0.693359375f * fe;
+  const float inf = float_of(0x7f800000);
+  const float nan = float_of(0x7fc00000);
+  // x == inf -> inf, x == 0 -> -inf, x < 0 or NaN -> NaN.
+  return x == inf ? inf : (x == 0.0f ? -inf : (x > 0.0f ? result : nan));
+}
+
+// Overloads that pick the float or double function on host and device alike. Host float uses
+// the branch-free polynomials above so the CPU kernels vectorise; device float uses CUDA's.
+#if defined(__CUDA_ARCH__)
 NFLUX_HOST_DEVICE float math_exp(float v) { return expf(v); }
-NFLUX_HOST_DEVICE double math_exp(double v) { return exp(v); }
 NFLUX_HOST_DEVICE float math_log(float v) { return logf(v); }
+#else
+NFLUX_HOST_DEVICE float math_exp(float v) { return exp_poly(v); }
+NFLUX_HOST_DEVICE float math_log(float v) { return log_poly(v); }
+#endif
+NFLUX_HOST_DEVICE double math_exp(double v) { return exp(v); }
 NFLUX_HOST_DEVICE double math_log(double v) { return log(v); }
-NFLUX_HOST_DEVICE float math_log1p(float v) { return log1pf(v); }
-NFLUX_HOST_DEVICE double math_log1p(double v) { return log1p(v); }
 NFLUX_HOST_DEVICE float math_sqrt(float v) { return sqrtf(v); }
 NFLUX_HOST_DEVICE double math_sqrt(double v) { return sqrt(v); }
 NFLUX_HOST_DEVICE float math_tanh(float v) { return tanhf(v); }
 NFLUX_HOST_DEVICE double math_tanh(double v) { return tanh(v); }
+
+// log(1 + z) accurate for tiny z, from log alone: the factor z / ((1 + z) - 1) cancels the
+// rounding of 1 + z (Goldberg's trick), so it vectorises like math_log.
+template <typename T> NFLUX_HOST_DEVICE T math_log1p(T z) {
+  const T u = T(1) + z;
+  const T d = u - T(1);
+  return d == T(0) ? z : math_log(u) * (z / d);
+}
 
 template <typename T> NFLUX_HOST_DEVICE T min_of(T a, T b) { return b < a ? b : a; }
 template <typename T> NFLUX_HOST_DEVICE T max_of(T a, T b) { return a < b ? b : a; }
@@ -39,11 +137,12 @@ template <typename T> NFLUX_HOST_DEVICE T softplus(T u) {
   return max_of(u, T(0)) + math_log1p(math_exp(-(u < T(0) ? -u : u)));
 }
 
-// 1 / (1 + exp(-u)) without overflow; it is the derivative of softplus.
+// 1 / (1 + exp(-u)) without overflow, branch-free; it is the derivative of softplus.
 template <typename T> NFLUX_HOST_DEVICE T sigmoid(T u) {
-  if (u >= T(0)) return T(1) / (T(1) + math_exp(-u));
-  const T e = math_exp(u);
-  return e / (T(1) + e);
+  const T e = math_exp(-(u < T(0) ? -u : u));
+  const T r = T(1) / (T(1) + e);
+  return u >= T(0) ? r : e * r;
 }
 
+}  // namespace NFLUX_ISA_NAMESPACE
 }  // namespace nflux

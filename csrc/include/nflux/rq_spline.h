@@ -1,14 +1,19 @@
 // Monotonic rational-quadratic spline with linear tails (Durkan et al. 2019, "Neural Spline
-// Flows"), one element at a time. The CPU and CUDA kernels both call these functions, so the
-// formulas exist once. Parameterisation matches the NSF authors' reference:
+// Flows"). The CPU and CUDA kernels both call these functions, so the formulas exist once.
+// Parameterisation matches the NSF authors' reference:
 //   widths/heights = min + (1 - min*K) * softmax(logits), laid over [-B, B];
 //   interior derivatives = min_derivative + softplus(logits), boundary derivatives = 1, so the
 //   spline joins the identity tails smoothly; identity with log|det| = 0 outside [-B, B].
+//
+// Lanes: the functions work on L elements side by side, quantity k of lane l stored at
+// [k * L + l]. A CUDA thread is one lane (L = 1, the row of logits read in place); the CPU
+// kernel transposes L rows so that every loop over l vectorises.
 #pragma once
 
 #include "nflux/common.h"
 
 namespace nflux {
+inline namespace NFLUX_ISA_NAMESPACE {
 namespace rq {
 
 template <typename acc_t>
@@ -19,57 +24,64 @@ struct Options {
   acc_t min_derivative;
 };
 
-// Scratch an element needs, in accumulation-type slots, for the forward/inverse pass and the
-// backward pass. Kernels provide it (a stack buffer on CPU, registers/local memory on CUDA).
+// Scratch slots (of acc_t, per lane) for evaluate and evaluate_backward.
 NFLUX_HOST_DEVICE int64_t forward_scratch(int64_t K) { return 2 * (K + 1); }
 NFLUX_HOST_DEVICE int64_t backward_scratch(int64_t K) { return 4 * K + 2; }
 
-// knots[0..K] = lo + range * cumsum(min_size + (1 - min_size*K) * softmax(logits)), with the
-// first and last knots exactly lo and lo + range. If probs is given, it receives softmax(logits).
-template <typename acc_t, typename scalar_t>
-NFLUX_HOST_DEVICE void softmax_knots(const scalar_t* logits, int64_t K, acc_t lo, acc_t range,
-                                     acc_t min_size, acc_t* knots, acc_t* probs) {
-  acc_t m = static_cast<acc_t>(logits[0]);
-  for (int64_t k = 1; k < K; ++k) m = max_of(m, static_cast<acc_t>(logits[k]));
-  acc_t total = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t e = math_exp(static_cast<acc_t>(logits[k]) - m);
-    knots[k + 1] = e;  // the exponentials wait in the knot slots until normalised
-    total += e;
-  }
-  const acc_t inv_total = acc_t(1) / total;
-  const acc_t spread = acc_t(1) - min_size * static_cast<acc_t>(K);
-  acc_t cumulative = 0;
-  knots[0] = lo;
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t p = knots[k + 1] * inv_total;
-    if (probs != nullptr) probs[k] = p;
-    cumulative += min_size + spread * p;
-    knots[k + 1] = lo + range * cumulative;
-  }
-  knots[K] = lo + range;
+template <typename acc_t>
+NFLUX_HOST_DEVICE bool inside(acc_t v, acc_t tail_bound) {
+  return v >= -tail_bound && v <= tail_bound;
 }
 
-// The bin b in [0, K-1] with knots[b] <= v < knots[b+1]; v == knots[K] falls in the last bin.
-// Branch-free binary search: the comparisons become conditional moves.
-template <typename acc_t>
-NFLUX_HOST_DEVICE int64_t find_bin(const acc_t* knots, int64_t K, acc_t v) {
+// knots[0..K] = lo + range * cumsum(min_size + (1 - min_size*K) * softmax(logits)), the first
+// and last knots exactly lo and lo + range. If probs is given it receives softmax(logits).
+template <int L, typename acc_t, typename in_t>
+NFLUX_HOST_DEVICE void softmax_knots(const in_t* NFLUX_RESTRICT logits, int64_t K, acc_t lo,
+                                     acc_t range, acc_t min_size, acc_t* NFLUX_RESTRICT knots,
+                                     acc_t* NFLUX_RESTRICT probs) {
+  acc_t top[L], scale[L], cumulative[L];
+  for (int l = 0; l < L; ++l) top[l] = static_cast<acc_t>(logits[l]);
+  for (int64_t k = 1; k < K; ++k)
+    for (int l = 0; l < L; ++l) top[l] = max_of(top[l], static_cast<acc_t>(logits[k * L + l]));
+  for (int l = 0; l < L; ++l) scale[l] = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    for (int l = 0; l < L; ++l) {
+      const acc_t e = math_exp(static_cast<acc_t>(logits[k * L + l]) - top[l]);
+      knots[(k + 1) * L + l] = e;  // the exponentials wait in the knot slots until normalised
+      scale[l] += e;
+    }
+  }
+  const acc_t spread = acc_t(1) - min_size * static_cast<acc_t>(K);
+  for (int l = 0; l < L; ++l) {
+    scale[l] = acc_t(1) / scale[l];
+    cumulative[l] = 0;
+    knots[l] = lo;
+  }
+  if (probs != nullptr) {
+    for (int64_t k = 0; k < K; ++k)
+      for (int l = 0; l < L; ++l) probs[k * L + l] = knots[(k + 1) * L + l] * scale[l];
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    for (int l = 0; l < L; ++l) {
+      cumulative[l] += min_size + spread * (knots[(k + 1) * L + l] * scale[l]);
+      knots[(k + 1) * L + l] = lo + range * cumulative[l];
+    }
+  }
+  for (int l = 0; l < L; ++l) knots[K * L + l] = lo + range;
+}
+
+// The bin b in [0, K-1] of lane l with knots[b] <= v < knots[b+1]; v == knots[K] falls in the
+// last bin. Binary search whose comparisons become conditional moves.
+template <int L, typename acc_t>
+NFLUX_HOST_DEVICE int64_t find_bin(const acc_t* knots, int64_t K, acc_t v, int l) {
   int64_t lo = 0, hi = K;
   while (hi - lo > 1) {
     const int64_t mid = (lo + hi) >> 1;
-    const bool right = v >= knots[mid];
+    const bool right = v >= knots[mid * L + l];
     lo = right ? mid : lo;
     hi = right ? hi : mid;
   }
   return lo;
-}
-
-// Derivative of the spline at knot i in [0, K].
-template <typename acc_t, typename scalar_t>
-NFLUX_HOST_DEVICE acc_t knot_derivative(const scalar_t* derivative_logits, int64_t K, int64_t i,
-                                        acc_t min_derivative) {
-  if (i <= 0 || i >= K) return acc_t(1);
-  return min_derivative + softplus(static_cast<acc_t>(derivative_logits[i - 1]));
 }
 
 // One bin: its left knot (cw, ch), size (w, h) and the derivatives at its two knots.
@@ -78,18 +90,60 @@ struct Bin {
   acc_t cw, w, ch, h, d0, d1;
 };
 
-// The bin b cut out of the knot partitions, with the derivatives at its two knots.
-template <typename acc_t, typename scalar_t>
-NFLUX_HOST_DEVICE Bin<acc_t> bin_at(const acc_t* wknots, const acc_t* hknots, const scalar_t* ud,
-                                    int64_t K, int64_t b, acc_t min_derivative) {
-  Bin<acc_t> bin;
-  bin.cw = wknots[b];
-  bin.w = wknots[b + 1] - wknots[b];
-  bin.ch = hknots[b];
-  bin.h = hknots[b + 1] - hknots[b];
-  bin.d0 = knot_derivative(ud, K, b, min_derivative);
-  bin.d1 = knot_derivative(ud, K, b + 1, min_derivative);
-  return bin;
+// The bins of L lanes, one array per quantity so that loops over lanes vectorise.
+template <int L, typename acc_t>
+struct Bins {
+  int32_t index[L];
+  acc_t cw[L], cw1[L], ch[L], ch1[L], d0[L], d1[L];  // left and right knots, derivatives
+  acc_t raw0[L], raw1[L];  // logits of d0 and d1 (unused at the boundary knots)
+
+  NFLUX_HOST_DEVICE Bin<acc_t> operator[](int l) const {
+    return {cw[l], cw1[l] - cw[l], ch[l], ch1[l] - ch[l], d0[l], d1[l]};
+  }
+};
+
+// Finds each lane's bin (v in knots of widths, or of heights when inverse) and gathers its
+// knots and its two knot derivatives (1 at the boundary knots, where the tails join).
+template <int L, typename acc_t, typename in_t>
+NFLUX_HOST_DEVICE void locate_bins(const acc_t* wknots, const acc_t* hknots, const in_t* ud,
+                                   int64_t K, const acc_t* v, bool inverse, acc_t min_derivative,
+                                   Bins<L, acc_t>& bins) {
+  const acc_t* search = inverse ? hknots : wknots;
+  acc_t* raw0 = bins.raw0;
+  acc_t* raw1 = bins.raw1;
+  if constexpr (L == 1) {
+    const int64_t b = find_bin<1>(search, K, v[0], 0);
+    bins.index[0] = static_cast<int32_t>(b);
+    bins.cw[0] = wknots[b];
+    bins.cw1[0] = wknots[b + 1];
+    bins.ch[0] = hknots[b];
+    bins.ch1[0] = hknots[b + 1];
+    raw0[0] = b >= 1 ? static_cast<acc_t>(ud[b - 1]) : acc_t(0);
+    raw1[0] = b + 1 < K ? static_cast<acc_t>(ud[b]) : acc_t(0);
+  } else {
+    // Many lanes: count the knots below v and gather with selects, O(K) but all in SIMD.
+    for (int l = 0; l < L; ++l) bins.index[l] = 0;
+    for (int64_t k = 1; k < K; ++k)
+      for (int l = 0; l < L; ++l) bins.index[l] += v[l] >= search[k * L + l] ? 1 : 0;
+    for (int l = 0; l < L; ++l)
+      bins.cw[l] = bins.cw1[l] = bins.ch[l] = bins.ch1[l] = raw0[l] = raw1[l] = acc_t(0);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int l = 0; l < L; ++l) {
+        const bool at = bins.index[l] == k;
+        bins.cw[l] = at ? wknots[k * L + l] : bins.cw[l];
+        bins.cw1[l] = at ? wknots[(k + 1) * L + l] : bins.cw1[l];
+        bins.ch[l] = at ? hknots[k * L + l] : bins.ch[l];
+        bins.ch1[l] = at ? hknots[(k + 1) * L + l] : bins.ch1[l];
+        if (k >= 1) raw0[l] = at ? static_cast<acc_t>(ud[(k - 1) * L + l]) : raw0[l];
+        if (k + 1 < K) raw1[l] = at ? static_cast<acc_t>(ud[k * L + l]) : raw1[l];
+      }
+    }
+  }
+  for (int l = 0; l < L; ++l) {
+    const int32_t b = bins.index[l];
+    bins.d0[l] = b >= 1 ? min_derivative + softplus(raw0[l]) : acc_t(1);
+    bins.d1[l] = b + 1 < K ? min_derivative + softplus(raw1[l]) : acc_t(1);
+  }
 }
 
 // Spline value and log dy/dx at theta = (x - cw) / w in [0, 1].
@@ -103,7 +157,8 @@ NFLUX_HOST_DEVICE void bin_forward(const Bin<acc_t>& b, acc_t theta, acc_t& y, a
   y = b.ch + numerator / denominator;
   const acc_t slope_numerator =
       s * s * (b.d1 * theta * theta + acc_t(2) * s * t + b.d0 * omt * omt);
-  logabsdet = math_log(slope_numerator) - acc_t(2) * math_log(denominator);
+  // One log of the slope: denominator >= s/2 > 0, so its square cannot underflow.
+  logabsdet = math_log(slope_numerator / (denominator * denominator));
 }
 
 // theta in [0, 1] of the bin point whose value is y: the numerically stable root of the
@@ -179,107 +234,145 @@ NFLUX_HOST_DEVICE void bin_slope(const Bin<acc_t>& b, acc_t theta, acc_t& dydx, 
   dlogdx = (d_slope / slope_numerator - acc_t(2) * curvature * dt / denominator) / b.w;
 }
 
+// theta of lane value v (x forward, y inverse) in its bin.
 template <typename acc_t>
-NFLUX_HOST_DEVICE bool inside(acc_t v, acc_t tail_bound) {
-  return v >= -tail_bound && v <= tail_bound;
+NFLUX_HOST_DEVICE acc_t bin_theta(const Bin<acc_t>& bin, acc_t v, bool inverse) {
+  return inverse ? bin_inverse_theta(bin, v)
+                 : clamp_to((v - bin.cw) / bin.w, acc_t(0), acc_t(1));
 }
 
-// Forward (x -> y, log dy/dx) or inverse (y -> x, log dx/dy) of one element.
-// scratch: forward_scratch(K) slots.
-template <typename acc_t, typename scalar_t>
-NFLUX_HOST_DEVICE void evaluate(acc_t v, const scalar_t* uw, const scalar_t* uh, const scalar_t* ud,
-                                int64_t K, bool inverse, const Options<acc_t>& opt, acc_t* scratch,
-                                acc_t& out, acc_t& logabsdet) {
+// Forward (x -> y, log dy/dx) or inverse (y -> x, log dx/dy) of L elements. Every branch is
+// evaluated on a clamped input and then selected, so tails never produce NaN; a NaN input
+// gives NaN in both outputs. scratch: forward_scratch(K) * L slots.
+template <int L, typename acc_t, typename in_t>
+NFLUX_HOST_DEVICE void evaluate(const acc_t* v, const in_t* uw, const in_t* uh, const in_t* ud,
+                                int64_t K, bool inverse, const Options<acc_t>& opt,
+                                acc_t* scratch, acc_t* out, acc_t* logabsdet) {
   const acc_t B = opt.tail_bound;
-  if (!inside(v, B)) {  // identity tails; NaN lands here and stays NaN in both outputs
-    out = v;
-    logabsdet = is_nan(v) ? v : acc_t(0);
-    return;
-  }
   acc_t* wknots = scratch;
-  acc_t* hknots = scratch + (K + 1);
-  softmax_knots(uw, K, -B, acc_t(2) * B, opt.min_bin_width, wknots, static_cast<acc_t*>(nullptr));
-  softmax_knots(uh, K, -B, acc_t(2) * B, opt.min_bin_height, hknots, static_cast<acc_t*>(nullptr));
-  const int64_t b = find_bin(inverse ? hknots : wknots, K, v);
-  const Bin<acc_t> bin = bin_at(wknots, hknots, ud, K, b, opt.min_derivative);
-  if (!inverse) {
-    const acc_t theta = clamp_to((v - bin.cw) / bin.w, acc_t(0), acc_t(1));
-    bin_forward(bin, theta, out, logabsdet);
-  } else {
-    const acc_t theta = bin_inverse_theta(bin, v);
-    out = bin.cw + theta * bin.w;
-    acc_t y_unused;
-    bin_forward(bin, theta, y_unused, logabsdet);
-    logabsdet = -logabsdet;
+  acc_t* hknots = scratch + (K + 1) * L;
+  softmax_knots<L>(uw, K, -B, acc_t(2) * B, opt.min_bin_width, wknots, static_cast<acc_t*>(nullptr));
+  softmax_knots<L>(uh, K, -B, acc_t(2) * B, opt.min_bin_height, hknots, static_cast<acc_t*>(nullptr));
+  acc_t vin[L];
+  for (int l = 0; l < L; ++l) vin[l] = inside(v[l], B) ? v[l] : acc_t(0);
+  Bins<L, acc_t> bins;
+  locate_bins<L>(wknots, hknots, ud, K, vin, inverse, opt.min_derivative, bins);
+  for (int l = 0; l < L; ++l) {
+    const Bin<acc_t> bin = bins[l];
+    const acc_t theta = bin_theta(bin, vin[l], inverse);
+    acc_t y, lad;
+    bin_forward(bin, theta, y, lad);
+    const bool in = inside(v[l], B);
+    // theta == 1 returns the right knot itself, so +-B map exactly onto the identity tails.
+    const acc_t value = inverse ? (theta >= acc_t(1) ? bins.cw1[l] : bin.cw + theta * bin.w)
+                                : (theta >= acc_t(1) ? bins.ch1[l] : y);
+    out[l] = in ? value : v[l];
+    logabsdet[l] = in ? (inverse ? -lad : lad) : (is_nan(v[l]) ? v[l] : acc_t(0));
   }
 }
 
-// Spreads the gradients on knot b (g_left) and knot b+1 (g_right) of a softmax_knots partition
-// back to its logits: grad[k] = d loss / d logits[k] for all k.
-template <typename acc_t, typename scalar_t>
-NFLUX_HOST_DEVICE void knots_vjp(const acc_t* probs, int64_t K, int64_t b, acc_t range,
-                                 acc_t min_size, acc_t g_left, acc_t g_right, scalar_t* grad) {
-  // knot j = lo + range * (min*j + spread * sum_{i<j} p_i), so d knot_j / d p_i = range*spread*[i<j].
+// Spreads gradients on knot b (g_left) and knot b+1 (g_right) of each lane's softmax_knots
+// partition back to its logits: grad[k * L + l] = d loss / d logits[k] of lane l.
+template <int L, typename acc_t, typename out_t>
+NFLUX_HOST_DEVICE void knots_vjp(const acc_t* probs, int64_t K, const int32_t* b, acc_t range,
+                                 acc_t min_size, const acc_t* g_left, const acc_t* g_right,
+                                 out_t* grad) {
+  // knot j = lo + range * (min*j + spread * sum_{i<j} p_i): d knot_j / d p_i = range*spread*[i<j].
   const acc_t scale = range * (acc_t(1) - min_size * static_cast<acc_t>(K));
-  acc_t below = 0;  // sum_{i<b} p_i
-  for (int64_t i = 0; i < b; ++i) below += probs[i];
-  const acc_t g_before = scale * (g_left + g_right);  // d loss / d p_i for i < b
-  const acc_t g_at = scale * g_right;                 // for i == b
-  const acc_t mean = g_before * below + g_at * probs[b];
+  acc_t g_before[L], g_at[L], mean[L];
+  for (int l = 0; l < L; ++l) {
+    g_before[l] = scale * (g_left[l] + g_right[l]);  // d loss / d p_i for i < b
+    g_at[l] = scale * g_right[l];                    // for i == b
+    mean[l] = 0;                                     // sum_i p_i * d loss / d p_i
+  }
+  for (int64_t i = 0; i < K; ++i)
+    for (int l = 0; l < L; ++l)
+      mean[l] += probs[i * L + l] * (i < b[l] ? g_before[l] : (i == b[l] ? g_at[l] : acc_t(0)));
   for (int64_t i = 0; i < K; ++i) {
-    const acc_t g_p = i < b ? g_before : (i == b ? g_at : acc_t(0));
-    grad[i] = static_cast<scalar_t>(probs[i] * (g_p - mean));
+    for (int l = 0; l < L; ++l) {
+      const acc_t g_p = i < b[l] ? g_before[l] : (i == b[l] ? g_at[l] : acc_t(0));
+      grad[i * L + l] = static_cast<out_t>(probs[i * L + l] * (g_p - mean[l]));
+    }
   }
 }
 
-// Backward of evaluate: given dL/dout and dL/dlogabsdet, the gradients with respect to the
-// input and the three logit tensors of one element (all K, K, K-1 entries are written).
-// scratch: backward_scratch(K) slots.
-template <typename acc_t, typename scalar_t>
-NFLUX_HOST_DEVICE void evaluate_backward(acc_t v, const scalar_t* uw, const scalar_t* uh,
-                                         const scalar_t* ud, int64_t K, bool inverse,
-                                         const Options<acc_t>& opt, acc_t g_out, acc_t g_lad,
-                                         acc_t* scratch, acc_t& g_v, scalar_t* g_uw,
-                                         scalar_t* g_uh, scalar_t* g_ud) {
+// Backward of evaluate for L elements: given dL/dout and dL/dlogabsdet, the gradients with
+// respect to the input and the three logit tensors (all K, K, K-1 entries per lane written).
+// scratch: backward_scratch(K) * L slots.
+template <int L, typename acc_t, typename in_t, typename out_t>
+NFLUX_HOST_DEVICE void evaluate_backward(const acc_t* v, const in_t* uw, const in_t* uh,
+                                         const in_t* ud, int64_t K, bool inverse,
+                                         const Options<acc_t>& opt, const acc_t* g_out,
+                                         const acc_t* g_lad, acc_t* scratch, acc_t* g_v,
+                                         out_t* g_uw, out_t* g_uh, out_t* g_ud) {
   const acc_t B = opt.tail_bound;
-  if (!inside(v, B)) {
-    g_v = g_out;
-    for (int64_t k = 0; k < K; ++k) g_uw[k] = g_uh[k] = scalar_t(0);
-    for (int64_t k = 0; k + 1 < K; ++k) g_ud[k] = scalar_t(0);
-    return;
-  }
-  acc_t* wknots = scratch;
-  acc_t* hknots = wknots + (K + 1);
-  acc_t* wprobs = hknots + (K + 1);
-  acc_t* hprobs = wprobs + K;
   const acc_t range = acc_t(2) * B;
-  softmax_knots(uw, K, -B, range, opt.min_bin_width, wknots, wprobs);
-  softmax_knots(uh, K, -B, range, opt.min_bin_height, hknots, hprobs);
-  const int64_t b = find_bin(inverse ? hknots : wknots, K, v);
-  const Bin<acc_t> bin = bin_at(wknots, hknots, ud, K, b, opt.min_derivative);
+  acc_t* wknots = scratch;
+  acc_t* hknots = wknots + (K + 1) * L;
+  acc_t* wprobs = hknots + (K + 1) * L;
+  acc_t* hprobs = wprobs + K * L;
+  softmax_knots<L>(uw, K, -B, range, opt.min_bin_width, wknots, wprobs);
+  softmax_knots<L>(uh, K, -B, range, opt.min_bin_height, hknots, hprobs);
+  acc_t vin[L];
+  for (int l = 0; l < L; ++l) vin[l] = inside(v[l], B) ? v[l] : acc_t(0);
+  Bins<L, acc_t> bins;
+  locate_bins<L>(wknots, hknots, ud, K, vin, inverse, opt.min_derivative, bins);
 
-  BinGrad<acc_t> g;
-  if (!inverse) {
-    const acc_t theta = clamp_to((v - bin.cw) / bin.w, acc_t(0), acc_t(1));
-    g = bin_vjp(bin, theta, g_out, g_lad);
-    g_v = g.x;
-  } else {
-    // x = f^-1(y): dL/dy = (g_x - g_lad * dlog f'/dx) / f'(x), and the parameters see the
-    // forward vjp with upstream (-dL/dy, -g_lad) (implicit function theorem).
-    const acc_t theta = bin_inverse_theta(bin, v);
+  acc_t gw_left[L], gw_right[L], gh_left[L], gh_right[L], g_d0[L], g_d1[L];
+  for (int l = 0; l < L; ++l) {
+    const Bin<acc_t> bin = bins[l];
+    const acc_t theta = bin_theta(bin, vin[l], inverse);
+    // Outside the interval the spline is the identity: no gradient reaches the parameters.
+    const bool in = inside(v[l], B);
+    const acc_t go = in ? g_out[l] : acc_t(0);
+    const acc_t gl = in ? g_lad[l] : acc_t(0);
+    // Inverse, x = f^-1(y): dL/dy = (g_x - g_lad * dlog f'/dx) / f'(x), and the parameters
+    // see the forward vjp with upstream (-dL/dy, -g_lad) (implicit function theorem).
     acc_t dydx, dlogdx;
     bin_slope(bin, theta, dydx, dlogdx);
-    const acc_t g_y = (g_out - g_lad * dlogdx) / dydx;
-    g = bin_vjp(bin, theta, -g_y, -g_lad);
-    g_v = g_y;
+    const acc_t g_y = (go - gl * dlogdx) / dydx;
+    const BinGrad<acc_t> g = inverse ? bin_vjp(bin, theta, -g_y, -gl) : bin_vjp(bin, theta, go, gl);
+    g_v[l] = in ? (inverse ? g_y : g.x) : g_out[l];
+    // cw = wknots[b], w = wknots[b+1] - wknots[b]; likewise for heights.
+    gw_left[l] = g.cw - g.w;
+    gw_right[l] = g.w;
+    gh_left[l] = g.ch - g.h;
+    gh_right[l] = g.h;
+    g_d0[l] = g.d0;
+    g_d1[l] = g.d1;
   }
-  // cw = wknots[b], w = wknots[b+1] - wknots[b]; likewise for heights.
-  knots_vjp(wprobs, K, b, range, opt.min_bin_width, g.cw - g.w, g.w, g_uw);
-  knots_vjp(hprobs, K, b, range, opt.min_bin_height, g.ch - g.h, g.h, g_uh);
-  for (int64_t k = 0; k + 1 < K; ++k) g_ud[k] = scalar_t(0);
-  if (b >= 1) g_ud[b - 1] = static_cast<scalar_t>(g.d0 * sigmoid(static_cast<acc_t>(ud[b - 1])));
-  if (b + 1 <= K - 1) g_ud[b] = static_cast<scalar_t>(g.d1 * sigmoid(static_cast<acc_t>(ud[b])));
+  knots_vjp<L>(wprobs, K, bins.index, range, opt.min_bin_width, gw_left, gw_right, g_uw);
+  knots_vjp<L>(hprobs, K, bins.index, range, opt.min_bin_height, gh_left, gh_right, g_uh);
+  // Interior knot k+1 has derivative min + softplus(ud[k]); it is knot b or b+1 of the bin.
+  for (int l = 0; l < L; ++l) {
+    g_d0[l] *= sigmoid(bins.raw0[l]);
+    g_d1[l] *= sigmoid(bins.raw1[l]);
+  }
+  for (int64_t k = 0; k + 1 < K; ++k) {
+    for (int l = 0; l < L; ++l) {
+      const int32_t b = bins.index[l];
+      g_ud[k * L + l] = static_cast<out_t>(k + 1 == b ? g_d0[l] : (k == b ? g_d1[l] : acc_t(0)));
+    }
+  }
+}
+
+// One element (a CUDA thread): the L = 1 case with scalar arguments.
+template <typename acc_t, typename in_t>
+NFLUX_HOST_DEVICE void evaluate(acc_t v, const in_t* uw, const in_t* uh, const in_t* ud,
+                                int64_t K, bool inverse, const Options<acc_t>& opt,
+                                acc_t* scratch, acc_t& out, acc_t& logabsdet) {
+  evaluate<1>(&v, uw, uh, ud, K, inverse, opt, scratch, &out, &logabsdet);
+}
+
+template <typename acc_t, typename in_t, typename out_t>
+NFLUX_HOST_DEVICE void evaluate_backward(acc_t v, const in_t* uw, const in_t* uh, const in_t* ud,
+                                         int64_t K, bool inverse, const Options<acc_t>& opt,
+                                         acc_t g_out, acc_t g_lad, acc_t* scratch, acc_t& g_v,
+                                         out_t* g_uw, out_t* g_uh, out_t* g_ud) {
+  evaluate_backward<1>(&v, uw, uh, ud, K, inverse, opt, &g_out, &g_lad, scratch, &g_v, g_uw,
+                       g_uh, g_ud);
 }
 
 }  // namespace rq
+}  // namespace NFLUX_ISA_NAMESPACE
 }  // namespace nflux
