@@ -11,6 +11,14 @@
 #define NFLUX_HOST_DEVICE inline
 #endif
 
+// Placed before each loop over SIMD lanes: GCC would otherwise unroll the short constant-trip
+// loop completely and then fail to vectorise the unrolled statements.
+#if defined(__CUDA_ARCH__) || !defined(__GNUC__) || defined(__clang__)
+#define NFLUX_LANES
+#else
+#define NFLUX_LANES _Pragma("GCC unroll 1") _Pragma("GCC ivdep")
+#endif
+
 // The CPU kernels are compiled once per instruction set (generic, AVX2); each copy of the
 // inline math lives in its own inline namespace so the linker never mixes them up.
 #ifndef NFLUX_ISA_NAMESPACE

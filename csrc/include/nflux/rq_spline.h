@@ -40,34 +40,34 @@ NFLUX_HOST_DEVICE void softmax_knots(const in_t* NFLUX_RESTRICT logits, int64_t 
                                      acc_t range, acc_t min_size, acc_t* NFLUX_RESTRICT knots,
                                      acc_t* NFLUX_RESTRICT probs) {
   acc_t top[L], scale[L], cumulative[L];
-  for (int l = 0; l < L; ++l) top[l] = static_cast<acc_t>(logits[l]);
+  NFLUX_LANES for (int l = 0; l < L; ++l) top[l] = static_cast<acc_t>(logits[l]);
   for (int64_t k = 1; k < K; ++k)
-    for (int l = 0; l < L; ++l) top[l] = max_of(top[l], static_cast<acc_t>(logits[k * L + l]));
-  for (int l = 0; l < L; ++l) scale[l] = 0;
+    NFLUX_LANES for (int l = 0; l < L; ++l) top[l] = max_of(top[l], static_cast<acc_t>(logits[k * L + l]));
+  NFLUX_LANES for (int l = 0; l < L; ++l) scale[l] = 0;
   for (int64_t k = 0; k < K; ++k) {
-    for (int l = 0; l < L; ++l) {
+    NFLUX_LANES for (int l = 0; l < L; ++l) {
       const acc_t e = math_exp(static_cast<acc_t>(logits[k * L + l]) - top[l]);
       knots[(k + 1) * L + l] = e;  // the exponentials wait in the knot slots until normalised
       scale[l] += e;
     }
   }
   const acc_t spread = acc_t(1) - min_size * static_cast<acc_t>(K);
-  for (int l = 0; l < L; ++l) {
+  NFLUX_LANES for (int l = 0; l < L; ++l) {
     scale[l] = acc_t(1) / scale[l];
     cumulative[l] = 0;
     knots[l] = lo;
   }
   if (probs != nullptr) {
     for (int64_t k = 0; k < K; ++k)
-      for (int l = 0; l < L; ++l) probs[k * L + l] = knots[(k + 1) * L + l] * scale[l];
+      NFLUX_LANES for (int l = 0; l < L; ++l) probs[k * L + l] = knots[(k + 1) * L + l] * scale[l];
   }
   for (int64_t k = 0; k < K; ++k) {
-    for (int l = 0; l < L; ++l) {
+    NFLUX_LANES for (int l = 0; l < L; ++l) {
       cumulative[l] += min_size + spread * (knots[(k + 1) * L + l] * scale[l]);
       knots[(k + 1) * L + l] = lo + range * cumulative[l];
     }
   }
-  for (int l = 0; l < L; ++l) knots[K * L + l] = lo + range;
+  NFLUX_LANES for (int l = 0; l < L; ++l) knots[K * L + l] = lo + range;
 }
 
 // The bin b in [0, K-1] of lane l with knots[b] <= v < knots[b+1]; v == knots[K] falls in the
@@ -105,9 +105,11 @@ struct Bins {
 // Finds each lane's bin (v in knots of widths, or of heights when inverse) and gathers its
 // knots and its two knot derivatives (1 at the boundary knots, where the tails join).
 template <int L, typename acc_t, typename in_t>
-NFLUX_HOST_DEVICE void locate_bins(const acc_t* wknots, const acc_t* hknots, const in_t* ud,
-                                   int64_t K, const acc_t* v, bool inverse, acc_t min_derivative,
-                                   Bins<L, acc_t>& bins) {
+NFLUX_HOST_DEVICE void locate_bins(const acc_t* NFLUX_RESTRICT wknots,
+                                   const acc_t* NFLUX_RESTRICT hknots,
+                                   const in_t* NFLUX_RESTRICT ud, int64_t K,
+                                   const acc_t* NFLUX_RESTRICT v, bool inverse,
+                                   acc_t min_derivative, Bins<L, acc_t>& bins) {
   const acc_t* search = inverse ? hknots : wknots;
   acc_t* raw0 = bins.raw0;
   acc_t* raw1 = bins.raw1;
@@ -121,25 +123,31 @@ NFLUX_HOST_DEVICE void locate_bins(const acc_t* wknots, const acc_t* hknots, con
     raw0[0] = b >= 1 ? static_cast<acc_t>(ud[b - 1]) : acc_t(0);
     raw1[0] = b + 1 < K ? static_cast<acc_t>(ud[b]) : acc_t(0);
   } else {
-    // Many lanes: count the knots below v and gather with selects, O(K) but all in SIMD.
-    for (int l = 0; l < L; ++l) bins.index[l] = 0;
-    for (int64_t k = 1; k < K; ++k)
-      for (int l = 0; l < L; ++l) bins.index[l] += v[l] >= search[k * L + l] ? 1 : 0;
-    for (int l = 0; l < L; ++l)
-      bins.cw[l] = bins.cw1[l] = bins.ch[l] = bins.ch1[l] = raw0[l] = raw1[l] = acc_t(0);
-    for (int64_t k = 0; k < K; ++k) {
-      for (int l = 0; l < L; ++l) {
-        const bool at = bins.index[l] == k;
-        bins.cw[l] = at ? wknots[k * L + l] : bins.cw[l];
-        bins.cw1[l] = at ? wknots[(k + 1) * L + l] : bins.cw1[l];
-        bins.ch[l] = at ? hknots[k * L + l] : bins.ch[l];
-        bins.ch1[l] = at ? hknots[(k + 1) * L + l] : bins.ch1[l];
-        if (k >= 1) raw0[l] = at ? static_cast<acc_t>(ud[(k - 1) * L + l]) : raw0[l];
-        if (k + 1 < K) raw1[l] = at ? static_cast<acc_t>(ud[k * L + l]) : raw1[l];
+    // Many lanes: count the knots below v (O(K) compares, all in SIMD), then gather.
+    NFLUX_LANES for (int l = 0; l < L; ++l) bins.index[l] = 0;
+    for (int32_t k = 1; k < K; ++k)
+      NFLUX_LANES for (int l = 0; l < L; ++l) bins.index[l] += v[l] >= search[k * L + l] ? 1 : 0;
+    // Indexed loads (AVX2 gathers). Derivative logits are read at indices clamped into range
+    // and replaced by the boundary value 1 below where the knot is not interior.
+    NFLUX_LANES for (int l = 0; l < L; ++l) {
+      const int32_t b = bins.index[l];
+      bins.cw[l] = wknots[b * L + l];
+      bins.cw1[l] = wknots[(b + 1) * L + l];
+      bins.ch[l] = hknots[b * L + l];
+      bins.ch1[l] = hknots[(b + 1) * L + l];
+    }
+    const int32_t last_logit = static_cast<int32_t>(K) - 2;
+    if (last_logit >= 0) {
+      NFLUX_LANES for (int l = 0; l < L; ++l) {
+        const int32_t b = bins.index[l];
+        raw0[l] = static_cast<acc_t>(ud[max_of(b - 1, int32_t(0)) * L + l]);
+        raw1[l] = static_cast<acc_t>(ud[min_of(b, last_logit) * L + l]);
       }
+    } else {
+      NFLUX_LANES for (int l = 0; l < L; ++l) raw0[l] = raw1[l] = acc_t(0);
     }
   }
-  for (int l = 0; l < L; ++l) {
+  NFLUX_LANES for (int l = 0; l < L; ++l) {
     const int32_t b = bins.index[l];
     bins.d0[l] = b >= 1 ? min_derivative + softplus(raw0[l]) : acc_t(1);
     bins.d1[l] = b + 1 < K ? min_derivative + softplus(raw1[l]) : acc_t(1);
@@ -254,10 +262,10 @@ NFLUX_HOST_DEVICE void evaluate(const acc_t* v, const in_t* uw, const in_t* uh, 
   softmax_knots<L>(uw, K, -B, acc_t(2) * B, opt.min_bin_width, wknots, static_cast<acc_t*>(nullptr));
   softmax_knots<L>(uh, K, -B, acc_t(2) * B, opt.min_bin_height, hknots, static_cast<acc_t*>(nullptr));
   acc_t vin[L];
-  for (int l = 0; l < L; ++l) vin[l] = inside(v[l], B) ? v[l] : acc_t(0);
+  NFLUX_LANES for (int l = 0; l < L; ++l) vin[l] = inside(v[l], B) ? v[l] : acc_t(0);
   Bins<L, acc_t> bins;
   locate_bins<L>(wknots, hknots, ud, K, vin, inverse, opt.min_derivative, bins);
-  for (int l = 0; l < L; ++l) {
+  NFLUX_LANES for (int l = 0; l < L; ++l) {
     const Bin<acc_t> bin = bins[l];
     const acc_t theta = bin_theta(bin, vin[l], inverse);
     acc_t y, lad;
@@ -280,16 +288,17 @@ NFLUX_HOST_DEVICE void knots_vjp(const acc_t* probs, int64_t K, const int32_t* b
   // knot j = lo + range * (min*j + spread * sum_{i<j} p_i): d knot_j / d p_i = range*spread*[i<j].
   const acc_t scale = range * (acc_t(1) - min_size * static_cast<acc_t>(K));
   acc_t g_before[L], g_at[L], mean[L];
-  for (int l = 0; l < L; ++l) {
+  NFLUX_LANES for (int l = 0; l < L; ++l) {
     g_before[l] = scale * (g_left[l] + g_right[l]);  // d loss / d p_i for i < b
     g_at[l] = scale * g_right[l];                    // for i == b
     mean[l] = 0;                                     // sum_i p_i * d loss / d p_i
   }
-  for (int64_t i = 0; i < K; ++i)
-    for (int l = 0; l < L; ++l)
+  // int32 counters: compared with the int32 bin indices, the loops over lanes stay in SIMD.
+  for (int32_t i = 0; i < K; ++i)
+    NFLUX_LANES for (int l = 0; l < L; ++l)
       mean[l] += probs[i * L + l] * (i < b[l] ? g_before[l] : (i == b[l] ? g_at[l] : acc_t(0)));
-  for (int64_t i = 0; i < K; ++i) {
-    for (int l = 0; l < L; ++l) {
+  for (int32_t i = 0; i < K; ++i) {
+    NFLUX_LANES for (int l = 0; l < L; ++l) {
       const acc_t g_p = i < b[l] ? g_before[l] : (i == b[l] ? g_at[l] : acc_t(0));
       grad[i * L + l] = static_cast<out_t>(probs[i * L + l] * (g_p - mean[l]));
     }
@@ -314,12 +323,12 @@ NFLUX_HOST_DEVICE void evaluate_backward(const acc_t* v, const in_t* uw, const i
   softmax_knots<L>(uw, K, -B, range, opt.min_bin_width, wknots, wprobs);
   softmax_knots<L>(uh, K, -B, range, opt.min_bin_height, hknots, hprobs);
   acc_t vin[L];
-  for (int l = 0; l < L; ++l) vin[l] = inside(v[l], B) ? v[l] : acc_t(0);
+  NFLUX_LANES for (int l = 0; l < L; ++l) vin[l] = inside(v[l], B) ? v[l] : acc_t(0);
   Bins<L, acc_t> bins;
   locate_bins<L>(wknots, hknots, ud, K, vin, inverse, opt.min_derivative, bins);
 
   acc_t gw_left[L], gw_right[L], gh_left[L], gh_right[L], g_d0[L], g_d1[L];
-  for (int l = 0; l < L; ++l) {
+  NFLUX_LANES for (int l = 0; l < L; ++l) {
     const Bin<acc_t> bin = bins[l];
     const acc_t theta = bin_theta(bin, vin[l], inverse);
     // Outside the interval the spline is the identity: no gradient reaches the parameters.
@@ -344,12 +353,12 @@ NFLUX_HOST_DEVICE void evaluate_backward(const acc_t* v, const in_t* uw, const i
   knots_vjp<L>(wprobs, K, bins.index, range, opt.min_bin_width, gw_left, gw_right, g_uw);
   knots_vjp<L>(hprobs, K, bins.index, range, opt.min_bin_height, gh_left, gh_right, g_uh);
   // Interior knot k+1 has derivative min + softplus(ud[k]); it is knot b or b+1 of the bin.
-  for (int l = 0; l < L; ++l) {
+  NFLUX_LANES for (int l = 0; l < L; ++l) {
     g_d0[l] *= sigmoid(bins.raw0[l]);
     g_d1[l] *= sigmoid(bins.raw1[l]);
   }
-  for (int64_t k = 0; k + 1 < K; ++k) {
-    for (int l = 0; l < L; ++l) {
+  for (int32_t k = 0; k + 1 < K; ++k) {
+    NFLUX_LANES for (int l = 0; l < L; ++l) {
       const int32_t b = bins.index[l];
       g_ud[k * L + l] = static_cast<out_t>(k + 1 == b ? g_d0[l] : (k == b ? g_d1[l] : acc_t(0)));
     }
