@@ -5,7 +5,7 @@ unconditional spline and the other with a spline whose parameters an MLP compute
 first (the NSF construction in two dimensions). It trains by maximum likelihood, then writes
 `metrics.json` (test negative log-likelihood in nats) and `samples.png` (data vs samples).
 
-    python examples/fit_spline.py --out runs/demo [--steps 1500]
+    python examples/fit_spline.py --out runs/demo [--steps 1000]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class SplineFlow(nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
