@@ -21,8 +21,44 @@ using coupling::kSigmoid;
 // Rows per task: enough elements that thread wake-up is amortised.
 int64_t row_grain(int64_t D) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)); }
 
+// The row loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time
+// (the extension itself is built for baseline x86-64, so otherwise they would run 4-wide).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
+#define NFLUX_ROW_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NFLUX_ROW_CLONES
+#endif
+
 // Independent partial sums, so the row reduction does not serialise on one add.
 constexpr int kLanes = 8;
+
+// One row of the forward (or inverse) pass; returns the row's sum of log(scale). The
+// restrict-qualified pointers and the compile-time variant let the compiler vectorise it.
+template <int Kind, bool Clamped, bool Inverse, typename scalar_t, typename acc>
+NFLUX_ROW_CLONES acc forward_row(const scalar_t* __restrict x, const scalar_t* __restrict shift,
+                const scalar_t* __restrict logits, scalar_t* __restrict y, int64_t D, acc c,
+                acc inv_c) {
+  if (Kind == kAdditive) {
+    for (int64_t j = 0; j < D; ++j) y[j] = Inverse ? x[j] - shift[j] : x[j] + shift[j];
+    return acc(0);
+  }
+  acc part[kLanes] = {};
+  int64_t j = 0;
+  auto element = [&](int64_t i, acc& sum) {
+    const auto sc = coupling::eval_scale<Kind, Clamped, acc>(static_cast<acc>(logits[i]), c, inv_c);
+    const acc v = static_cast<acc>(x[i]), t = static_cast<acc>(shift[i]);
+    y[i] = static_cast<scalar_t>(Inverse ? (v - t) * sc.inv_scale : v * sc.scale + t);
+    sum += sc.log_scale;
+  };
+  for (; j + kLanes <= D; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) element(j + l, part[l]);
+  }
+  for (; j < D; ++j) element(j, part[0]);
+  acc total = 0;
+  for (int l = 0; l < kLanes; ++l) total += part[l];
+  return total;
+}
 
 template <int Kind, bool Clamped, bool Inverse, typename scalar_t>
 void forward_rows(const scalar_t* x, const scalar_t* shift, const scalar_t* logits, scalar_t* y,
@@ -31,37 +67,47 @@ void forward_rows(const scalar_t* x, const scalar_t* shift, const scalar_t* logi
   const acc c = static_cast<acc>(clamp), inv_c = Clamped ? acc(1) / c : acc(0);
   at::parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* xr = x + b * D;
-      const scalar_t* tr = shift + b * D;
-      scalar_t* yr = y + b * D;
-      if (Kind == kAdditive) {
-        for (int64_t j = 0; j < D; ++j) yr[j] = Inverse ? xr[j] - tr[j] : xr[j] + tr[j];
-        lad[b] = scalar_t(0);
-        continue;
-      }
-      const scalar_t* sr = logits + b * D;
-      acc part[kLanes] = {};
-      auto element = [&](int64_t j, acc& sum) {
-        const auto sc = coupling::eval_scale<Kind, Clamped, acc>(static_cast<acc>(sr[j]), c, inv_c);
-        const acc v = static_cast<acc>(xr[j]), t = static_cast<acc>(tr[j]);
-        yr[j] = static_cast<scalar_t>(Inverse ? (v - t) * sc.inv_scale : v * sc.scale + t);
-        sum += sc.log_scale;
-      };
-      int64_t j = 0;
-      for (; j + kLanes <= D; j += kLanes) {
-        for (int l = 0; l < kLanes; ++l) element(j + l, part[l]);
-      }
-      for (; j < D; ++j) element(j, part[0]);
-      acc total = 0;
-      for (int l = 0; l < kLanes; ++l) total += part[l];
+      const int64_t o = b * D;
+      const acc total = forward_row<Kind, Clamped, Inverse>(x + o, shift + o, logits + o, y + o,
+                                                            D, c, inv_c);
       lad[b] = static_cast<scalar_t>(Inverse ? -total : total);
     }
   });
 }
 
-// g is the gradient of the op's first output; gl of its logabsdet, per row. `in` is the saved
-// input (x forward, y inverse).
-template <int Kind, bool Clamped, bool Inverse, typename scalar_t>
+// One row of the backward pass. g is the gradient of the op's first output (BroadcastGrad: one
+// value for every element, as from y.sum(), read without materialising it); glad the row's
+// logabsdet gradient; `in` the saved input (x forward, y inverse).
+template <int Kind, bool Clamped, bool Inverse, bool BroadcastGrad, typename scalar_t, typename acc>
+NFLUX_ROW_CLONES void backward_row(const scalar_t* __restrict g, acc glad, const scalar_t* __restrict in,
+                  const scalar_t* __restrict shift, const scalar_t* __restrict logits,
+                  scalar_t* __restrict g_in, scalar_t* __restrict g_shift,
+                  scalar_t* __restrict g_logits, int64_t D, acc c, acc inv_c) {
+  const acc g0 = static_cast<acc>(g[0]);
+  for (int64_t j = 0; j < D; ++j) {
+    const acc gv = BroadcastGrad ? g0 : static_cast<acc>(g[j]);
+    if (Kind == kAdditive) {
+      g_in[j] = static_cast<scalar_t>(gv);
+      g_shift[j] = static_cast<scalar_t>(Inverse ? -gv : gv);
+      continue;
+    }
+    const auto sc = coupling::eval_scale<Kind, Clamped, acc>(static_cast<acc>(logits[j]), c, inv_c);
+    const acc v = static_cast<acc>(in[j]);
+    if (Inverse) {
+      const acc x_out = (v - static_cast<acc>(shift[j])) * sc.inv_scale;
+      const acc gy = gv * sc.inv_scale;
+      g_in[j] = static_cast<scalar_t>(gy);
+      g_shift[j] = static_cast<scalar_t>(-gy);
+      g_logits[j] = static_cast<scalar_t>(coupling::inverse_grad_logit(sc, x_out, gv, glad));
+    } else {
+      g_in[j] = static_cast<scalar_t>(gv * sc.scale);
+      g_shift[j] = static_cast<scalar_t>(gv);
+      g_logits[j] = static_cast<scalar_t>(coupling::forward_grad_logit(sc, v, gv, glad));
+    }
+  }
+}
+
+template <int Kind, bool Clamped, bool Inverse, bool BroadcastGrad, typename scalar_t>
 void backward_rows(const scalar_t* g, const scalar_t* gl, const scalar_t* in, const scalar_t* shift,
                    const scalar_t* logits, scalar_t* g_in, scalar_t* g_shift, scalar_t* g_logits,
                    int64_t B, int64_t D, double clamp) {
@@ -70,31 +116,10 @@ void backward_rows(const scalar_t* g, const scalar_t* gl, const scalar_t* in, co
   at::parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * D;
-      if (Kind == kAdditive) {
-        for (int64_t j = 0; j < D; ++j) {
-          g_in[o + j] = g[o + j];
-          g_shift[o + j] = Inverse ? -g[o + j] : g[o + j];
-        }
-        continue;
-      }
-      const acc glad = static_cast<acc>(gl[b]);
-      for (int64_t j = 0; j < D; ++j) {
-        const auto sc =
-            coupling::eval_scale<Kind, Clamped, acc>(static_cast<acc>(logits[o + j]), c, inv_c);
-        const acc gv = static_cast<acc>(g[o + j]);
-        const acc v = static_cast<acc>(in[o + j]);
-        if (Inverse) {
-          const acc x_out = (v - static_cast<acc>(shift[o + j])) * sc.inv_scale;
-          const acc gy = gv * sc.inv_scale;
-          g_in[o + j] = static_cast<scalar_t>(gy);
-          g_shift[o + j] = static_cast<scalar_t>(-gy);
-          g_logits[o + j] = static_cast<scalar_t>(coupling::inverse_grad_logit(sc, x_out, gv, glad));
-        } else {
-          g_in[o + j] = static_cast<scalar_t>(gv * sc.scale);
-          g_shift[o + j] = static_cast<scalar_t>(gv);
-          g_logits[o + j] = static_cast<scalar_t>(coupling::forward_grad_logit(sc, v, gv, glad));
-        }
-      }
+      // The additive variant has no logits and no logits gradient: any row pointer will do.
+      backward_row<Kind, Clamped, Inverse, BroadcastGrad>(
+          BroadcastGrad ? g : g + o, static_cast<acc>(gl[b]), in + o, shift + o, logits + o,
+          g_in + o, g_shift + o, g_logits == nullptr ? g_in + o : g_logits + o, D, c, inv_c);
     }
   });
 }
@@ -142,7 +167,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_backward_cpu(
     std::optional<double> clamp, bool inverse) {
   const auto kind = check_affine_coupling_args(x, shift, logits, scale_kind, clamp);
   check_affine_coupling_grads(grad_y, grad_logabsdet, x);
-  const at::Tensor xc = x.contiguous(), tc = shift.contiguous(), g = grad_y.contiguous();
+  // A gradient expanded from one value (the gradient of y.sum()) is read as that value.
+  bool broadcast_grad = grad_y.numel() > 0;
+  for (const auto st : grad_y.strides()) broadcast_grad = broadcast_grad && st == 0;
+  const at::Tensor g = broadcast_grad ? grad_y : grad_y.contiguous();
+  const at::Tensor xc = x.contiguous(), tc = shift.contiguous();
   const at::Tensor gl = grad_logabsdet.contiguous();
   const at::Tensor sc = kind == kAdditive ? xc : logits->contiguous();
   const int64_t B = x.size(0), D = B == 0 ? 0 : x.numel() / B;
@@ -151,11 +180,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_backward_cpu(
   if (x.numel() == 0) return {g_in, g_shift, g_logits};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_coupling_backward_cpu", [&] {
     dispatch_variant(kind, clamp.has_value(), inverse, [&](auto k, auto cl, auto inv) {
-      backward_rows<decltype(k)::value, decltype(cl)::value, decltype(inv)::value, scalar_t>(
-          g.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
-          tc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), g_in.data_ptr<scalar_t>(),
-          g_shift.data_ptr<scalar_t>(), kind == kAdditive ? nullptr : g_logits.data_ptr<scalar_t>(),
-          B, D, clamp.value_or(0.0));
+      auto run = [&](auto bg) {
+        backward_rows<decltype(k)::value, decltype(cl)::value, decltype(inv)::value,
+                      decltype(bg)::value, scalar_t>(
+            g.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
+            tc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), g_in.data_ptr<scalar_t>(),
+            g_shift.data_ptr<scalar_t>(),
+            kind == kAdditive ? nullptr : g_logits.data_ptr<scalar_t>(), B, D,
+            clamp.value_or(0.0));
+      };
+      if (broadcast_grad) run(std::true_type{});
+      else run(std::false_type{});
     });
   });
   return {g_in, g_shift, g_logits};

@@ -13,6 +13,36 @@
 namespace nflux {
 namespace coupling {
 
+// exp that the host compiler can vectorise: a Cephes-style polynomial in plain float arithmetic
+// (libm's expf is an opaque call that stops auto-vectorisation of the whole loop). Max error
+// ~2 ulp; 0 below e^-87.3 and inf above e^88.37 (about 2.4e38), NaN for NaN. Device code and double use the libm function.
+// TODO: switch to common.h's math_exp once it is vectorisable there.
+NFLUX_HOST_DEVICE float vexp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float lo = -87.33654f, hi = 88.37f;  // n stays in [-126, 127]: normal 2^n
+  const float xc = clamp_to(x, lo, hi);
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick, which needs no rounding instruction.
+  const float magic = 12582912.0f;
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  __builtin_memcpy(&two_n, &bits, sizeof(float));
+  const float e = p * two_n;
+  return x > hi ? __builtin_inff() : (x < lo ? 0.0f : e);
+#endif
+}
+NFLUX_HOST_DEVICE double vexp(double x) { return math_exp(x); }
+
 // Values of the Python/schema `scale_kind` int.
 enum ScaleKind : int { kAdditive = 0, kExp = 1, kSigmoid = 2 };
 
@@ -32,8 +62,8 @@ NFLUX_HOST_DEVICE Scale<T> eval_scale(T s, T clamp, T inv_clamp) {
   }
   Scale<T> r;
   if (Kind == kExp) {
-    r.scale = math_exp(u);
-    r.inv_scale = math_exp(-u);
+    r.scale = vexp(u);
+    r.inv_scale = vexp(-u);
     r.log_scale = u;
     r.dlog_ds = du_ds;
   } else {
