@@ -102,19 +102,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lu_conv1x
               "nflux: grad_logabsdet must have shape [", x.size(0), "], got ",
               grad_logabsdet.sizes());
   const auto f = make_factors(lower, upper, log_scale, sign);
+  // Materialised once (an expanded gradient, as from y.sum(), would otherwise be copied twice).
+  const auto gy = grad_y.contiguous();
   at::Tensor grad_x, grad_w, grad_b;
   if (!inverse) {
     const auto w = weight(f, perm);
-    grad_x = mix(w.t(), grad_y, std::nullopt);
-    grad_w = outer_sum(grad_y, x);
-    grad_b = channel_sum(grad_y);
+    grad_x = mix(w.t(), gy, std::nullopt);
+    grad_w = outer_sum(gy, x);
+    grad_b = channel_sum(gy);
   } else {
     // out = W^-1 (x - b): d out = -W^-1 dW out, so dL/dW = -(W^-T g) out^T.
     const auto winv = inverse_weight(f, perm);
     std::optional<at::Tensor> c;
     if (bias) c = -at::mv(winv, *bias);
     const auto out = mix(winv, x, c);
-    grad_x = mix(winv.t(), grad_y, std::nullopt);
+    grad_x = mix(winv.t(), gy, std::nullopt);
     grad_w = -outer_sum(grad_x, out);
     grad_b = -channel_sum(grad_x);
   }
