@@ -2,7 +2,10 @@
 
 For tabular [4096, 64] and images [64, 48, 16, 16] prints the time of forward,
 forward+backward and inverse, the ratios to nflux, and the peak extra memory of
-forward+backward (each measured in a fresh process).
+forward+backward and the memory a forward pass keeps for its backward beyond its outputs
+(each measured in a fresh process, after a warm-up call on a small batch so
+that one-time initialisation is not counted, with glibc's mmap threshold pinned so freed
+tensors leave the resident set).
 
   coupling: nflux.ops.affine_coupling(x, shift, logits) (scale="exp"); unfused is
             s = exp(logits); y = x * s + shift; lad = logits.flatten(1).sum(1) with autograd.
@@ -10,12 +13,13 @@ forward+backward (each measured in a fresh process).
             (fold_actnorm) and runs one lu_conv1x1; unfused is ActNorm in torch, W = P L U
             built in torch, then conv2d (F.linear for tabular); inverse via torch.linalg.inv.
 
-    python benchmarks/bench_coupling.py [--device cpu] [--dtype float32]
+    python benchmarks/bench_coupling.py [--device cpu] [--dtype float32] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -113,19 +117,32 @@ def fwd_bwd(impl, tensors):
 
 
 def memory_case(case: str, dtype) -> None:
-    op, shape_name, name = case.split(":")
+    """Prints the peak extra bytes of forward+backward ("peak"), or the bytes a forward pass
+    keeps alive for its backward beyond its outputs ("retained")."""
+    op, shape_name, name, what = case.split(":")
     impls, make = OPS[op]
-    tensors = make(SHAPES[shape_name], "cpu", dtype, True)
-    print(H.measure_peak_in_process(lambda: fwd_bwd(impls[name], tensors)))
+    shape = SHAPES[shape_name]
+    fwd_bwd(impls[name], make((2, *shape[1:]), "cpu", dtype, True))  # warm-up: lazy init
+    tensors = make(shape, "cpu", dtype, True)
+    if what == "peak":
+        print(H.measure_peak_in_process(lambda: fwd_bwd(impls[name], tensors)))
+        return
+    gc.collect()
+    before = H.rss_bytes()
+    y, lad = impls[name](*tensors, False)
+    print(max(0, H.rss_bytes() - before - y.numel() * y.element_size() - lad.numel() * lad.element_size()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_case:
         memory_case(args.memory_case, dtype)
         return
@@ -133,6 +150,8 @@ def main() -> None:
     print(f"coupling + conv step: device={device} dtype={args.dtype} threads={torch.get_num_threads()} "
           f"torch={torch.__version__} nflux extension={nflux.build_info()['extension_loaded']}")
     script = os.path.abspath(__file__)
+    # Large tensors are then always mmapped and unmapped on free (see the memory note above).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     for op, (impls, make) in OPS.items():
         for shape_name, shape in SHAPES.items():
             plain = make(shape, device, dtype, False)
@@ -145,22 +164,24 @@ def main() -> None:
                     times[(name, "forward")] = H.time_fn(lambda: impl(*plain, False), device=device)
                     times[(name, "inverse")] = H.time_fn(lambda: impl(y_inv, *plain[1:], True), device=device)
                 times[(name, "forward+backward")] = H.time_fn(lambda: fwd_bwd(impl, grads), device=device)
-            peaks = {}
+            peaks, kept = {}, {}
             if device == "cpu":
+                extra = ["--dtype", args.dtype, "--threads", str(torch.get_num_threads())]
                 for name in impls:
-                    peaks[name] = H.peak_extra_memory_args(
-                        script, f"{op}:{shape_name}:{name}", ["--dtype", args.dtype]
-                    )
+                    case = f"{op}:{shape_name}:{name}"
+                    peaks[name] = H.peak_extra_memory_args(script, case + ":peak", extra)
+                    kept[name] = H.peak_extra_memory_args(script, case + ":retained", extra)
             rows = []
             for name in impls:
                 for kind in ("forward", "forward+backward", "inverse"):
                     t, ours = times[(name, kind)], times[("nflux", kind)]
                     mem = ""
                     if kind == "forward+backward" and peaks:
-                        mem = f"{H.fmt_bytes(peaks[name])} ({peaks[name] / max(peaks['nflux'], 1):.2f}x)"
+                        mem = (f"peak {H.fmt_bytes(peaks[name])} ({peaks[name] / max(peaks['nflux'], 1):.2f}x), "
+                               f"kept for backward {H.fmt_bytes(kept[name])}")
                     rows.append([name, kind, H.fmt_time(t), f"{t / ours:.2f}x", mem])
             print(f"\n{op} {shape_name} {list(shape)}")
-            H.print_table(["impl", "pass", "time", "time / nflux", "peak extra memory (/ nflux)"], rows)
+            H.print_table(["impl", "pass", "time", "time / nflux", "memory (/ nflux)"], rows)
 
 
 if __name__ == "__main__":

@@ -82,10 +82,10 @@ NFLUX_HOST_DEVICE Scale<T> eval_scale(T s, T clamp, T inv_clamp) {
 }
 
 // Gradient of one element, forward direction (x in, y out):
-//   gx = gy * scale, gshift = gy, gs = dlog_ds * (gy * x * scale + glad).
-// Inverse direction (y in, x = (y - shift) / scale out):
-//   gy = gx / scale, gshift = -gx / scale, gs = -dlog_ds * (gx * x + glad).
-// Both are written out in the kernels; they are here so the formulas live in one file.
+//   gx = gy * scale, gshift = gy, gs = dlog_ds * (gy * x * scale + glad)
+// (d scale / d s = scale * dlog_ds for both kinds). Inverse direction (y in,
+// x = (y - shift) / scale out): gy = gx / scale, gshift = -gx / scale,
+// gs = -dlog_ds * (gx * x + glad). The kernels write gx and gshift inline; gs is below.
 template <typename T>
 NFLUX_HOST_DEVICE T forward_grad_logit(const Scale<T>& sc, T x, T gy, T glad) {
   return sc.dlog_ds * (gy * x * sc.scale + glad);
