@@ -5,6 +5,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace nflux {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
@@ -51,6 +53,74 @@ inline int64_t check_rq_spline_args(const at::Tensor& inputs, const at::Tensor& 
               "nflux: min_bin_height * K must be in [0, 1), got ", min_bin_height, " * ", K);
   TORCH_CHECK(min_derivative > 0, "nflux: min_derivative must be positive, got ", min_derivative);
   return K;
+}
+
+// affine_coupling: x [B, ...]; shift and scale_logits exactly x's shape. scale_kind is
+// 0 (additive: no logits), 1 (exp) or 2 (sigmoid). Returns scale_kind.
+inline int64_t check_affine_coupling_args(const at::Tensor& x, const at::Tensor& shift,
+                                          const std::optional<at::Tensor>& logits,
+                                          int64_t scale_kind, std::optional<double> clamp) {
+  check_floating(x, "x");
+  TORCH_CHECK(x.dim() >= 1, "nflux: x must have a batch dimension, got a 0-d tensor");
+  check_same_dtype_device(shift, x, "shift", "x");
+  TORCH_CHECK(shift.sizes() == x.sizes(), "nflux: shift must have the shape of x ", x.sizes(),
+              ", got ", shift.sizes());
+  TORCH_CHECK(scale_kind >= 0 && scale_kind <= 2,
+              "nflux: scale_kind must be 0 (additive), 1 (exp) or 2 (sigmoid), got ", scale_kind);
+  TORCH_CHECK((scale_kind == 0) == !logits.has_value(), "nflux: scale_logits ",
+              logits.has_value() ? "was given" : "is missing", " but scale_kind is ", scale_kind);
+  if (logits.has_value()) {
+    check_same_dtype_device(*logits, x, "scale_logits", "x");
+    TORCH_CHECK(logits->sizes() == x.sizes(), "nflux: scale_logits must have the shape of x ",
+                x.sizes(), ", got ", logits->sizes());
+  }
+  TORCH_CHECK(!clamp.has_value() || *clamp > 0, "nflux: clamp must be positive, got ",
+              clamp.value_or(0.0));
+  return scale_kind;
+}
+
+inline void check_affine_coupling_grads(const at::Tensor& grad_y, const at::Tensor& grad_lad,
+                                        const at::Tensor& x) {
+  check_same_dtype_device(grad_y, x, "grad_y", "x");
+  check_same_dtype_device(grad_lad, x, "grad_logabsdet", "x");
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "nflux: grad_y must have the shape of x ", x.sizes(),
+              ", got ", grad_y.sizes());
+  TORCH_CHECK(grad_lad.dim() == 1 && grad_lad.size(0) == x.size(0),
+              "nflux: grad_logabsdet must have shape [", x.size(0), "], got ", grad_lad.sizes());
+}
+
+// lu_conv1x1: x [B, C] or [B, C, H, W]; perm int64 [C]; lower, upper [C, C]; log_scale, sign
+// and bias [C]. Returns C.
+inline int64_t check_lu_conv1x1_args(const at::Tensor& x, const at::Tensor& perm,
+                                     const at::Tensor& lower, const at::Tensor& upper,
+                                     const at::Tensor& log_scale, const at::Tensor& sign,
+                                     const std::optional<at::Tensor>& bias) {
+  check_floating(x, "x");
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 4, "nflux: x must have shape [B, C] or [B, C, H, W], got ",
+              x.sizes());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(perm.scalar_type() == at::kLong, "nflux: perm must be an int64 tensor, got dtype ",
+              perm.scalar_type());
+  TORCH_CHECK(perm.device() == x.device(), "nflux: perm is on ", perm.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(perm.dim() == 1 && perm.size(0) == C, "nflux: perm must have shape [", C, "], got ",
+              perm.sizes());
+  auto check_square = [&](const at::Tensor& t, const char* name) {
+    check_same_dtype_device(t, x, name, "x");
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == C && t.size(1) == C, "nflux: ", name,
+                " must have shape [", C, ", ", C, "], got ", t.sizes());
+  };
+  auto check_vector = [&](const at::Tensor& t, const char* name) {
+    check_same_dtype_device(t, x, name, "x");
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "nflux: ", name, " must have shape [", C,
+                "], got ", t.sizes());
+  };
+  check_square(lower, "lower");
+  check_square(upper, "upper");
+  check_vector(log_scale, "log_scale");
+  check_vector(sign, "sign");
+  if (bias.has_value()) check_vector(*bias, "bias");
+  return C;
 }
 
 }  // namespace nflux

@@ -20,6 +20,25 @@ TORCH_LIBRARY(nflux, m) {
       "float min_derivative) -> (Tensor grad_inputs, Tensor grad_widths, Tensor grad_heights, "
       "Tensor grad_derivatives)",
       {at::Tag::pt2_compliant_tag});
+  m.def(
+      "affine_coupling(Tensor x, Tensor shift, Tensor? scale_logits, int scale_kind, "
+      "float? clamp, bool inverse) -> (Tensor y, Tensor logabsdet)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "affine_coupling_backward(Tensor grad_y, Tensor grad_logabsdet, Tensor x, Tensor shift, "
+      "Tensor? scale_logits, int scale_kind, float? clamp, bool inverse) -> (Tensor grad_x, "
+      "Tensor grad_shift, Tensor grad_scale_logits)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "lu_conv1x1(Tensor x, Tensor perm, Tensor lower, Tensor upper, Tensor log_scale, "
+      "Tensor sign, Tensor? bias, bool inverse) -> (Tensor y, Tensor logabsdet)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "lu_conv1x1_backward(Tensor grad_y, Tensor grad_logabsdet, Tensor x, Tensor perm, "
+      "Tensor lower, Tensor upper, Tensor log_scale, Tensor sign, Tensor? bias, bool inverse) -> "
+      "(Tensor grad_x, Tensor grad_lower, Tensor grad_upper, Tensor grad_log_scale, "
+      "Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 PYBIND11_MODULE(_C, module) {

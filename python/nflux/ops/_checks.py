@@ -72,3 +72,69 @@ def check_rq_spline_args(
     if not min_derivative > 0:
         raise ValueError(f"nflux: min_derivative must be positive, got {min_derivative}")
     return K
+
+
+SCALE_KINDS = {"exp": 1, "sigmoid": 2}
+
+
+def _shape(tensor: torch.Tensor) -> list[int]:
+    return list(tensor.shape)
+
+
+def check_affine_coupling_args(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale_logits: torch.Tensor | None,
+    scale: str,
+    clamp: float | None,
+) -> int:
+    """Validates affine_coupling's arguments and returns the schema's scale_kind int."""
+    check_floating(x, "x")
+    if x.dim() < 1:
+        raise ValueError("nflux: x must have a batch dimension [batch, ...], got a 0-d tensor")
+    named = [("shift", shift)] + ([("scale_logits", scale_logits)] if scale_logits is not None else [])
+    for name, tensor in named:
+        check_like(tensor, x, name, "x")
+        if tensor.shape != x.shape:
+            raise ValueError(f"nflux: {name} must have the shape of x {_shape(x)}, got {_shape(tensor)}")
+    if scale not in SCALE_KINDS:
+        raise ValueError(f"nflux: scale must be one of {sorted(SCALE_KINDS)}, got {scale!r}")
+    if clamp is not None and not clamp > 0:
+        raise ValueError(f"nflux: clamp must be positive or None, got {clamp}")
+    return 0 if scale_logits is None else SCALE_KINDS[scale]
+
+
+def check_lu_conv1x1_args(
+    x: torch.Tensor,
+    perm: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    log_scale: torch.Tensor,
+    sign: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> int:
+    """Validates lu_conv1x1's arguments and returns the number of channels C."""
+    check_floating(x, "x")
+    if x.dim() not in (2, 4):
+        raise ValueError(f"nflux: x must have shape [B, C] or [B, C, H, W], got {_shape(x)}")
+    C = x.shape[1]
+    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64:
+        got = perm.dtype if isinstance(perm, torch.Tensor) else type(perm).__name__
+        raise ValueError(f"nflux: perm must be an int64 tensor (a permutation of range(C)), got {got}")
+    if perm.device != x.device:
+        raise ValueError(f"nflux: perm is on {perm.device} but x is on {x.device}")
+    if perm.shape != (C,):
+        raise ValueError(f"nflux: perm must have shape [{C}], got {_shape(perm)}")
+    for name, tensor, shape in (
+        ("lower", lower, (C, C)),
+        ("upper", upper, (C, C)),
+        ("log_scale", log_scale, (C,)),
+        ("sign", sign, (C,)),
+        ("bias", bias, (C,)),
+    ):
+        if tensor is None:
+            continue
+        check_like(tensor, x, name, "x")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"nflux: {name} must have shape {list(shape)}, got {_shape(tensor)}")
+    return C

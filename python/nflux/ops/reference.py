@@ -8,10 +8,16 @@ selected with torch.where, so a masked-out branch never makes a NaN value or gra
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from nflux.ops._checks import check_rq_spline_args
+from nflux.ops._checks import (
+    check_affine_coupling_args,
+    check_lu_conv1x1_args,
+    check_rq_spline_args,
+)
 
 
 def _spline_knots(logits: torch.Tensor, min_size: float, tail_bound: float) -> torch.Tensor:
@@ -92,3 +98,69 @@ def rq_spline(
     outputs = torch.where(inside, value, inputs)
     tail_logabsdet = torch.where(torch.isnan(inputs), inputs, torch.zeros_like(inputs))
     return outputs, torch.where(inside, logabsdet, tail_logabsdet)
+
+
+def affine_coupling(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale_logits: torch.Tensor | None = None,
+    *,
+    scale: str = "exp",
+    clamp: float | None = None,
+    inverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine (or additive) coupling; see nflux.ops.affine_coupling."""
+    check_affine_coupling_args(x, shift, scale_logits, scale, clamp)
+    rows = (x.shape[0], math.prod(x.shape[1:]))
+    if scale_logits is None:
+        return (x - shift if inverse else x + shift), x.new_zeros(x.shape[0])
+    s = scale_logits if clamp is None else clamp * torch.tanh(scale_logits / clamp)
+    log_scale = s if scale == "exp" else F.logsigmoid(s + 2)
+    if inverse:
+        return (x - shift) * torch.exp(-log_scale), -log_scale.reshape(rows).sum(1)
+    return x * torch.exp(log_scale) + shift, log_scale.reshape(rows).sum(1)
+
+
+def lu_weight(
+    perm: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    log_scale: torch.Tensor,
+    sign: torch.Tensor,
+) -> torch.Tensor:
+    """W = P (L + I)(U + diag(sign * exp(log_scale))) with P = I[perm], so (P A) = A[perm]."""
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    unit_lower = torch.tril(lower, -1) + eye
+    upper_diag = torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_scale))
+    return (unit_lower @ upper_diag)[perm]
+
+
+def lu_conv1x1(
+    x: torch.Tensor,
+    perm: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    log_scale: torch.Tensor,
+    sign: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    inverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invertible 1x1 convolution / LU linear layer; see nflux.ops.lu_conv1x1."""
+    check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
+    w = lu_weight(perm, lower, upper, log_scale, sign)
+    pixels = 1 if x.dim() == 2 else x.shape[2] * x.shape[3]
+    b = None if bias is None else (bias if x.dim() == 2 else bias[:, None, None])
+    if inverse:
+        z = x if b is None else x - b
+        # The oracle may use a general solve; the op uses triangular solves.
+        if x.dim() == 2:
+            out = torch.linalg.solve(w, z.T).T
+        else:
+            out = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(w), z)
+        lad = -pixels * log_scale.sum()
+    else:
+        out = x @ w.T if x.dim() == 2 else torch.einsum("ij,bjhw->bihw", w, x)
+        out = out if b is None else out + b
+        lad = pixels * log_scale.sum()
+    return out, lad.expand(x.shape[0]).clone()

@@ -1,0 +1,188 @@
+"""affine_coupling and the ActNorm + 1x1 conv step: nflux vs the reference vs unfused torch.
+
+For tabular [4096, 64] and images [64, 48, 16, 16] prints the time of forward,
+forward+backward and inverse, the ratios to nflux, and the peak extra memory of
+forward+backward and the memory a forward pass keeps for its backward beyond its outputs
+(each measured in a fresh process, after a warm-up call on a small batch so
+that one-time initialisation is not counted, with glibc's mmap threshold pinned so freed
+tensors leave the resident set).
+
+  coupling: nflux.ops.affine_coupling(x, shift, logits) (scale="exp"); unfused is
+            s = exp(logits); y = x * s + shift; lad = logits.flatten(1).sum(1) with autograd.
+  conv step: ActNorm + invertible 1x1 conv. nflux folds ActNorm into the LU factors
+            (fold_actnorm) and runs one lu_conv1x1; unfused is ActNorm in torch, W = P L U
+            built in torch, then conv2d (F.linear for tabular); inverse via torch.linalg.inv.
+
+    python benchmarks/bench_coupling.py [--device cpu] [--dtype float32] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+import nflux  # noqa: E402
+from nflux.ops import reference  # noqa: E402
+
+SHAPES = {"tabular": (4096, 64), "image": (64, 48, 16, 16)}
+
+
+def coupling_inputs(shape, device, dtype, requires_grad):
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(shape, generator=g, dtype=dtype).to(device) for _ in range(3)]
+    ts[2] = ts[2] * 0.5
+    return [t.requires_grad_(requires_grad) for t in ts]
+
+
+def coupling_unfused(x, shift, logits, inverse):
+    s = torch.exp(logits)
+    if inverse:
+        return (x - shift) / s, -logits.flatten(1).sum(1)
+    return x * s + shift, logits.flatten(1).sum(1)
+
+
+COUPLING = {
+    "nflux": lambda x, t, s, inverse: nflux.ops.affine_coupling(x, t, s, inverse=inverse),
+    "reference": lambda x, t, s, inverse: reference.affine_coupling(x, t, s, inverse=inverse),
+    "unfused": coupling_unfused,
+}
+
+
+def step_inputs(shape, device, dtype, requires_grad):
+    C = shape[1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=dtype).to(device)
+    perm = torch.randperm(C, generator=g).to(device)
+    params = [torch.randn(C, C, generator=g, dtype=dtype) * 0.1 for _ in range(2)]
+    params += [torch.randn(C, generator=g, dtype=dtype) * 0.1 for _ in range(4)]  # ls, bias, an_ls, an_b
+    sign = torch.ones(C, dtype=dtype, device=device)
+    params = [p.to(device).requires_grad_(requires_grad) for p in params]
+    return [x.requires_grad_(requires_grad), perm, sign, *params]
+
+
+def step_nflux(x, perm, sign, lower, upper, ls, bias, an_ls, an_b, inverse):
+    up, lsf, bf = nflux.ops.fold_actnorm(perm, lower, upper, ls, sign, bias, an_ls, an_b)
+    return nflux.ops.lu_conv1x1(x, perm, lower, up, lsf, sign, bf, inverse=inverse)
+
+
+def _per_channel(v, x):
+    return v if x.dim() == 2 else v[:, None, None]
+
+
+def step_reference(x, perm, sign, lower, upper, ls, bias, an_ls, an_b, inverse):
+    pixels = 1 if x.dim() == 2 else x.shape[2] * x.shape[3]
+    if inverse:
+        h, lad = reference.lu_conv1x1(x, perm, lower, upper, ls, sign, bias, inverse=True)
+        return h * _per_channel(torch.exp(-an_ls), x) - _per_channel(an_b, x), lad - pixels * an_ls.sum()
+    h = _per_channel(torch.exp(an_ls), x) * (x + _per_channel(an_b, x))
+    y, lad = reference.lu_conv1x1(h, perm, lower, upper, ls, sign, bias)
+    return y, lad + pixels * an_ls.sum()
+
+
+def step_unfused(x, perm, sign, lower, upper, ls, bias, an_ls, an_b, inverse):
+    C = lower.shape[0]
+    eye = torch.eye(C, dtype=x.dtype, device=x.device)
+    w = ((torch.tril(lower, -1) + eye) @ (torch.triu(upper, 1) + torch.diag(sign * torch.exp(ls))))[perm]
+    pixels = 1 if x.dim() == 2 else x.shape[2] * x.shape[3]
+    lad = (pixels * (ls.sum() + an_ls.sum())).expand(x.shape[0])
+
+    def conv(m, v, b):
+        return F.linear(v, m, b) if v.dim() == 2 else F.conv2d(v, m[:, :, None, None], b)
+
+    if inverse:
+        winv = torch.linalg.inv(w)
+        h = conv(winv, x, -(winv @ bias))
+        return h * _per_channel(torch.exp(-an_ls), x) - _per_channel(an_b, x), -lad
+    h = _per_channel(torch.exp(an_ls), x) * (x + _per_channel(an_b, x))
+    return conv(w, h, bias), lad
+
+
+STEP = {"nflux": step_nflux, "reference": step_reference, "unfused": step_unfused}
+OPS = {"coupling": (COUPLING, coupling_inputs), "conv step": (STEP, step_inputs)}
+
+
+def fwd_bwd(impl, tensors):
+    y, lad = impl(*tensors, False)
+    (y.sum() + lad.sum()).backward()
+    for t in tensors:
+        t.grad = None
+
+
+def memory_case(case: str, dtype) -> None:
+    """Prints the peak extra bytes of forward+backward ("peak"), or the bytes a forward pass
+    keeps alive for its backward beyond its outputs ("retained")."""
+    op, shape_name, name, what = case.split(":")
+    impls, make = OPS[op]
+    shape = SHAPES[shape_name]
+    fwd_bwd(impls[name], make((2, *shape[1:]), "cpu", dtype, True))  # warm-up: lazy init
+    tensors = make(shape, "cpu", dtype, True)
+    if what == "peak":
+        print(H.measure_peak_in_process(lambda: fwd_bwd(impls[name], tensors)))
+        return
+    gc.collect()
+    before = H.rss_bytes()
+    y, lad = impls[name](*tensors, False)
+    print(max(0, H.rss_bytes() - before - y.numel() * y.element_size() - lad.numel() * lad.element_size()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_case:
+        memory_case(args.memory_case, dtype)
+        return
+    device = args.device
+    print(f"coupling + conv step: device={device} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__} nflux extension={nflux.build_info()['extension_loaded']}")
+    script = os.path.abspath(__file__)
+    # Large tensors are then always mmapped and unmapped on free (see the memory note above).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    for op, (impls, make) in OPS.items():
+        for shape_name, shape in SHAPES.items():
+            plain = make(shape, device, dtype, False)
+            grads = make(shape, device, dtype, True)
+            with torch.no_grad():
+                y_inv = impls["nflux"](*plain, False)[0]
+            times = {}
+            for name, impl in impls.items():
+                with torch.no_grad():
+                    times[(name, "forward")] = H.time_fn(lambda: impl(*plain, False), device=device)
+                    times[(name, "inverse")] = H.time_fn(lambda: impl(y_inv, *plain[1:], True), device=device)
+                times[(name, "forward+backward")] = H.time_fn(lambda: fwd_bwd(impl, grads), device=device)
+            peaks, kept = {}, {}
+            if device == "cpu":
+                extra = ["--dtype", args.dtype, "--threads", str(torch.get_num_threads())]
+                for name in impls:
+                    case = f"{op}:{shape_name}:{name}"
+                    peaks[name] = H.peak_extra_memory_args(script, case + ":peak", extra)
+                    kept[name] = H.peak_extra_memory_args(script, case + ":retained", extra)
+            rows = []
+            for name in impls:
+                for kind in ("forward", "forward+backward", "inverse"):
+                    t, ours = times[(name, kind)], times[("nflux", kind)]
+                    mem = ""
+                    if kind == "forward+backward" and peaks:
+                        mem = (f"peak {H.fmt_bytes(peaks[name])} ({peaks[name] / max(peaks['nflux'], 1):.2f}x), "
+                               f"kept for backward {H.fmt_bytes(kept[name])}")
+                    rows.append([name, kind, H.fmt_time(t), f"{t / ours:.2f}x", mem])
+            print(f"\n{op} {shape_name} {list(shape)}")
+            H.print_table(["impl", "pass", "time", "time / nflux", "memory (/ nflux)"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+// Affine coupling element math (NICE, RealNVP, Glow), shared by the CPU and CUDA kernels.
+//   forward: y = x * scale + shift,   log|dy/dx| = log(scale)
+//   inverse: x = (y - shift) / scale, log|dx/dy| = -log(scale)
+// scale = f(u), u = clamp > 0 ? clamp * tanh(s / clamp) : s, s = the raw logit, with
+//   Exp:     f(u) = exp(u)            (RealNVP)
+//   Sigmoid: f(u) = sigmoid(u + 2)    (Glow)
+// The scale kind and the clamp are template parameters so the kernels' inner loops carry no
+// per-element branch on them.
+#pragma once
+
+#include "nflux/common.h"
+
+namespace nflux {
+namespace coupling {
+
+// Values of the Python/schema `scale_kind` int.
+enum ScaleKind : int { kAdditive = 0, kExp = 1, kSigmoid = 2 };
+
+// One element's scale, its log, and d log(scale) / d s (the chain through the clamp included).
+template <typename T>
+struct Scale {
+  T scale, inv_scale, log_scale, dlog_ds;
+};
+
+template <int Kind, bool Clamped, typename T>
+NFLUX_HOST_DEVICE Scale<T> eval_scale(T s, T clamp, T inv_clamp) {
+  T u = s, du_ds = T(1);
+  if (Clamped) {
+    const T t = math_tanh(s * inv_clamp);
+    u = clamp * t;
+    du_ds = T(1) - t * t;
+  }
+  Scale<T> r;
+  if (Kind == kExp) {
+    r.scale = math_exp(u);
+    r.inv_scale = math_exp(-u);
+    r.log_scale = u;
+    r.dlog_ds = du_ds;
+  } else {
+    // v = u + 2; sigmoid(v) and log sigmoid(v) from e = exp(-|v|), without overflow.
+    const T v = u + T(2);
+    const T e = math_exp(-(v < T(0) ? -v : v));
+    const T one_e = T(1) + e;
+    const T l1p = math_log1p(e);
+    const bool pos = v >= T(0);
+    r.scale = (pos ? T(1) : e) / one_e;
+    r.inv_scale = pos ? one_e : one_e / e;
+    r.log_scale = pos ? -l1p : v - l1p;
+    r.dlog_ds = ((pos ? e : T(1)) / one_e) * du_ds;  // d log sigmoid(v)/dv = 1 - sigmoid(v)
+  }
+  return r;
+}
+
+// Gradient of one element, forward direction (x in, y out):
+//   gx = gy * scale, gshift = gy, gs = dlog_ds * (gy * x * scale + glad)
+// (d scale / d s = scale * dlog_ds for both kinds). Inverse direction (y in,
+// x = (y - shift) / scale out): gy = gx / scale, gshift = -gx / scale,
+// gs = -dlog_ds * (gx * x + glad). The kernels write gx and gshift inline; gs is below.
+template <typename T>
+NFLUX_HOST_DEVICE T forward_grad_logit(const Scale<T>& sc, T x, T gy, T glad) {
+  return sc.dlog_ds * (gy * x * sc.scale + glad);
+}
+
+template <typename T>
+NFLUX_HOST_DEVICE T inverse_grad_logit(const Scale<T>& sc, T x_out, T gx, T glad) {
+  return -sc.dlog_ds * (gx * x_out + glad);
+}
+
+}  // namespace coupling
+}  // namespace nflux

@@ -1,0 +1,114 @@
+"""Fused affine coupling (NICE, RealNVP, Glow), native on CPU and CUDA."""
+
+from __future__ import annotations
+
+import torch
+
+from nflux import _extension
+from nflux.ops import reference
+from nflux.ops._checks import check_affine_coupling_args
+
+_NATIVE_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
+
+def _native(tensor: torch.Tensor) -> bool:
+    return _extension.has_kernel(tensor.device) and tensor.dtype in _NATIVE_DTYPES.get(
+        tensor.device.type, ()
+    )
+
+
+def affine_coupling(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale_logits: torch.Tensor | None = None,
+    *,
+    scale: str = "exp",
+    clamp: float | None = None,
+    inverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x * scale(scale_logits) + shift, in one pass, with its per-row log-determinant.
+
+    Args:
+        x: `[batch, ...]` values to transform (y when `inverse=True`); any trailing shape.
+        shift: the shift, x's shape.
+        scale_logits: the raw log-scale, x's shape; None gives NICE's additive coupling
+            (logabsdet 0).
+        scale: "exp" (RealNVP: scale = exp(s)) or "sigmoid" (Glow: scale = sigmoid(s + 2)).
+        clamp: if given, s is first soft-clamped to clamp * tanh(s / clamp).
+        inverse: compute x = (y - shift) / scale instead.
+
+    Returns:
+        `(y, logabsdet)`: y shaped like x; logabsdet `[batch]`, log|det dy/dx| summed over every
+        non-batch dimension (log|det dx/dy| for `inverse=True`).
+    """
+    kind = check_affine_coupling_args(x, shift, scale_logits, scale, clamp)
+    if _native(x):
+        return torch.ops.nflux.affine_coupling(
+            x, shift, scale_logits, kind, None if clamp is None else float(clamp), bool(inverse)
+        )
+    _extension.warn_fallback("affine_coupling", x.device)
+    return reference.affine_coupling(
+        x, shift, scale_logits, scale=scale, clamp=clamp, inverse=inverse
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, shift, logits, *options = inputs
+    ctx.save_for_backward(x, shift, logits)
+    ctx.options = options
+
+
+def _backward(ctx, grad_y, grad_logabsdet):
+    x, shift, logits = ctx.saved_tensors
+    # The kernel recomputes the scale from the saved inputs: nothing else was kept.
+    grad_x, grad_shift, grad_logits = torch.ops.nflux.affine_coupling_backward(
+        grad_y, grad_logabsdet, x, shift, logits, *ctx.options
+    )
+    return grad_x, grad_shift, (None if logits is None else grad_logits), None, None, None
+
+
+def _fake(x, shift, logits, kind, clamp, inverse):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:1])
+
+
+def _fake_backward(grad_y, grad_lad, x, shift, logits, kind, clamp, inverse):
+    grad_logits = x.new_empty(x.shape) if logits is not None else x.new_empty(0)
+    return x.new_empty(x.shape), x.new_empty(x.shape), grad_logits
+
+
+def _front(t, dim, size):
+    if t is None:
+        return None
+    t = t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(size * t.shape[1], *t.shape[2:])
+
+
+def _vmap(info, in_dims, x, shift, logits, *options):
+    # The vmapped dimension joins the batch: one call serves every vmapped row.
+    size = info.batch_size
+    moved = [_front(t, d, size) for t, d in zip((x, shift, logits), in_dims)]
+    y, lad = torch.ops.nflux.affine_coupling(*moved, *options)
+    return (y.view(size, -1, *y.shape[1:]), lad.view(size, -1)), (0, 0)
+
+
+def _vmap_backward(info, in_dims, grad_y, grad_lad, x, shift, logits, *options):
+    size = info.batch_size
+    moved = [_front(t, d, size) for t, d in zip((grad_y, grad_lad, x, shift, logits), in_dims)]
+    grads = torch.ops.nflux.affine_coupling_backward(*moved, *options)
+    unflat = [g.view(size, -1, *g.shape[1:]) for g in grads[:2]]
+    if logits is None:
+        return (*unflat, grads[2]), (0, 0, None)
+    return (*unflat, grads[2].view(size, -1, *grads[2].shape[1:])), (0, 0, 0)
+
+
+if _extension.loaded:
+    torch.library.register_fake("nflux::affine_coupling")(_fake)
+    torch.library.register_fake("nflux::affine_coupling_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "nflux::affine_coupling", _backward, setup_context=_setup_context
+    )
+    torch.library.register_vmap("nflux::affine_coupling", _vmap)
+    torch.library.register_vmap("nflux::affine_coupling_backward", _vmap_backward)

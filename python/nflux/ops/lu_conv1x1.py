@@ -1,0 +1,109 @@
+"""Invertible 1x1 convolution (Glow) and LU linear layer (MAF/NSF), with an ActNorm fold.
+
+The op is composed of ATen calls in C++ (one CompositeExplicitAutograd kernel), so it runs
+natively on every device; the channel-mixing GEMM goes to MKL/cuBLAS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nflux import _extension
+from nflux.ops import reference
+from nflux.ops._checks import check_floating, check_like, check_lu_conv1x1_args
+
+
+def lu_conv1x1(
+    x: torch.Tensor,
+    perm: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    log_scale: torch.Tensor,
+    sign: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    inverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = W x + bias over the channels of `[B, C, H, W]` (or the features of `[B, C]`).
+
+    W = P (L + I)(U + diag(sign * exp(log_scale))), where L = tril(lower, -1),
+    U = triu(upper, 1) (entries outside those triangles are ignored and get zero gradient) and
+    P = I[perm] for an int64 permutation `perm` of range(C), so (P A) = A[perm]. `perm` and
+    `sign` are fixed buffers (no gradient). The inverse, x = W^-1 (y - bias), uses two
+    triangular solves to build W^-1, never a general inverse.
+
+    Returns:
+        `(y, logabsdet)`; logabsdet is `[B]`, H*W*sum(log_scale) (negated for `inverse=True`).
+    """
+    check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
+    if _extension.loaded:
+        return torch.ops.nflux.lu_conv1x1(x, perm, lower, upper, log_scale, sign, bias, bool(inverse))
+    _extension.warn_fallback("lu_conv1x1", x.device)
+    return reference.lu_conv1x1(x, perm, lower, upper, log_scale, sign, bias, inverse=inverse)
+
+
+def fold_actnorm(
+    perm: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    log_scale: torch.Tensor,
+    sign: torch.Tensor,
+    bias: torch.Tensor | None,
+    actnorm_log_scale: torch.Tensor,
+    actnorm_bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Folds ActNorm, a(x) = exp(actnorm_log_scale) * (x + actnorm_bias), into the 1x1 conv.
+
+    Returns `(upper', log_scale', bias')` such that lu_conv1x1 with them (and the same perm,
+    lower, sign) equals lu_conv1x1(a(x), ...), logabsdet included: W diag(s) scales the columns
+    of U and adds actnorm_log_scale to log_scale, and bias' = W' actnorm_bias + bias. Only
+    [C, C]-sized work: a Glow step's ActNorm + 1x1 conv becomes one GEMM, and the gradients
+    reach the ActNorm parameters through these small differentiable ops.
+    """
+    check_floating(actnorm_log_scale, "actnorm_log_scale")
+    check_like(actnorm_bias, actnorm_log_scale, "actnorm_bias", "actnorm_log_scale")
+    C = lower.shape[0]
+    for name, t in (("actnorm_log_scale", actnorm_log_scale), ("actnorm_bias", actnorm_bias)):
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"nflux: {name} must have shape [{C}], got {list(t.shape)}")
+    folded_upper = upper * torch.exp(actnorm_log_scale)
+    folded_log_scale = log_scale + actnorm_log_scale
+    w = reference.lu_weight(perm, lower, folded_upper, folded_log_scale, sign)
+    folded_bias = w @ actnorm_bias
+    return folded_upper, folded_log_scale, folded_bias if bias is None else folded_bias + bias
+
+
+def _setup_context(ctx, inputs, output):
+    x, perm, lower, upper, log_scale, sign, bias, inverse = inputs
+    ctx.save_for_backward(x, perm, lower, upper, log_scale, sign, bias)
+    ctx.inverse = inverse
+
+
+def _backward(ctx, grad_y, grad_logabsdet):
+    x, perm, lower, upper, log_scale, sign, bias = ctx.saved_tensors
+    grad_x, grad_lower, grad_upper, grad_log_scale, grad_bias = torch.ops.nflux.lu_conv1x1_backward(
+        grad_y, grad_logabsdet, x, perm, lower, upper, log_scale, sign, bias, ctx.inverse
+    )
+    grad_bias = None if bias is None else grad_bias
+    return grad_x, None, grad_lower, grad_upper, grad_log_scale, None, grad_bias, None
+
+
+def _fake(x, perm, lower, upper, log_scale, sign, bias, inverse):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:1])
+
+
+def _fake_backward(grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias, inverse):
+    C = lower.shape[0]
+    return (
+        x.new_empty(x.shape),
+        x.new_empty(C, C),
+        x.new_empty(C, C),
+        x.new_empty(C),
+        x.new_empty(C) if bias is not None else x.new_empty(0),
+    )
+
+
+if _extension.loaded:
+    torch.library.register_fake("nflux::lu_conv1x1")(_fake)
+    torch.library.register_fake("nflux::lu_conv1x1_backward")(_fake_backward)
+    torch.library.register_autograd("nflux::lu_conv1x1", _backward, setup_context=_setup_context)

@@ -1,0 +1,193 @@
+"""affine_coupling: the native op against the float64 reference, its gradients, inverse, the
+brute-force Jacobian, bad inputs and torch.compile."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import nflux
+from nflux import _extension
+from nflux.ops import reference
+
+pytestmark = pytest.mark.skipif(not _extension.cpu_kernels, reason="native CPU kernels not built")
+
+VARIANTS = [  # (scale_logits given, scale, clamp)
+    (False, "exp", None),
+    (True, "exp", None),
+    (True, "exp", 2.0),
+    (True, "sigmoid", None),
+    (True, "sigmoid", 1.5),
+]
+SHAPES = [(6, 5), (3, 4, 5, 3), (5,), (4, 37)]  # 37: not a multiple of the kernel's lanes
+
+
+def make(shape, dtype=torch.float64, logits=True, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(shape, generator=g, dtype=dtype) for _ in range(3)]
+    tensors[2] = tensors[2] * 2  # logits over a range that exercises the clamp and sigmoid
+    tensors = [t.requires_grad_(requires_grad) for t in tensors]
+    return tensors[0], tensors[1], (tensors[2] if logits else None)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_matches_reference_float64(shape, variant, inverse):
+    has_logits, scale, clamp = variant
+    x, shift, logits = make(shape, logits=has_logits)
+    y, lad = nflux.ops.affine_coupling(x, shift, logits, scale=scale, clamp=clamp, inverse=inverse)
+    y_ref, lad_ref = reference.affine_coupling(x, shift, logits, scale=scale, clamp=clamp, inverse=inverse)
+    assert lad.shape == (shape[0],)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lad, lad_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_inverse_round_trip(variant, dtype, tol):
+    has_logits, scale, clamp = variant
+    x, shift, logits = make((8, 3, 4, 4), dtype=dtype, logits=has_logits)
+    y, lad = nflux.ops.affine_coupling(x, shift, logits, scale=scale, clamp=clamp)
+    x_back, lad_inv = nflux.ops.affine_coupling(y, shift, logits, scale=scale, clamp=clamp, inverse=True)
+    torch.testing.assert_close(x_back, x, rtol=tol, atol=tol)
+    torch.testing.assert_close(lad_inv, -lad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_gradcheck(variant, inverse):
+    has_logits, scale, clamp = variant
+    inputs = make((3, 2, 5), logits=has_logits, requires_grad=True)
+    args = [t for t in inputs if t is not None]
+
+    def fn(*tensors):
+        logits = tensors[2] if has_logits else None
+        return nflux.ops.affine_coupling(
+            tensors[0], tensors[1], logits, scale=scale, clamp=clamp, inverse=inverse
+        )
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_logabsdet_is_brute_force_jacobian(variant, inverse):
+    has_logits, scale, clamp = variant
+    x, shift, logits = make((2, 3, 2), logits=has_logits)
+    for b in range(x.shape[0]):
+        def row(v, b=b):
+            out, _ = nflux.ops.affine_coupling(
+                v.unsqueeze(0), shift[b : b + 1], None if logits is None else logits[b : b + 1],
+                scale=scale, clamp=clamp, inverse=inverse,
+            )
+            return out.flatten()
+
+        jac = torch.autograd.functional.jacobian(row, x[b])
+        _, lad = nflux.ops.affine_coupling(x, shift, logits, scale=scale, clamp=clamp, inverse=inverse)
+        expected = torch.linalg.slogdet(jac.reshape(x[b].numel(), -1)).logabsdet
+        torch.testing.assert_close(lad[b], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_opcheck(variant):
+    has_logits, scale, clamp = variant
+    kind = 0 if not has_logits else {"exp": 1, "sigmoid": 2}[scale]
+    for inverse, dtype in itertools.product([False, True], [torch.float32, torch.float64]):
+        x, shift, logits = make((4, 3, 2, 2), dtype=dtype, logits=has_logits, requires_grad=True)
+        torch.library.opcheck(torch.ops.nflux.affine_coupling, (x, shift, logits, kind, clamp, inverse))
+
+
+def test_non_contiguous_inputs():
+    x, shift, logits = make((6, 10))
+    xt, st, lt = (t.t() for t in make((10, 6)))  # transposed views
+    for args in ((xt, st, lt), (x[:, ::2], shift[:, ::2], logits[:, ::2])):
+        y, lad = nflux.ops.affine_coupling(*args, scale="sigmoid", clamp=3.0)
+        y_ref, lad_ref = reference.affine_coupling(*args, scale="sigmoid", clamp=3.0)
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(lad, lad_ref)
+
+
+def test_expanded_gradient_and_empty_batch():
+    x, shift, logits = make((5, 4), requires_grad=True)
+    y, lad = nflux.ops.affine_coupling(x, shift, logits)
+    (y.sum() + lad.sum()).backward()  # sum's gradient arrives as an expanded (stride 0) tensor
+    torch.testing.assert_close(shift.grad, torch.ones_like(shift))
+    torch.testing.assert_close(logits.grad, (x * torch.exp(logits)).detach() + 1)
+    y0, lad0 = nflux.ops.affine_coupling(*make((0, 3)))
+    assert y0.shape == (0, 3) and lad0.shape == (0,)
+
+
+def test_vmap_matches_loop():
+    x, shift, logits = make((3, 4, 5))
+    y, lad = torch.vmap(lambda a, b, c: nflux.ops.affine_coupling(a, b, c, scale="sigmoid"))(x, shift, logits)
+    for v in range(3):
+        y_v, lad_v = nflux.ops.affine_coupling(x[v], shift[v], logits[v], scale="sigmoid")
+        torch.testing.assert_close(y[v], y_v)
+        torch.testing.assert_close(lad[v], lad_v)
+
+
+def test_compile_fullgraph():
+    x, shift, logits = make((4, 6), dtype=torch.float32, requires_grad=True)
+
+    def fn(a, b, c):
+        y, lad = nflux.ops.affine_coupling(a, b, c, scale="exp", clamp=2.0)
+        return (y.square().sum() - lad.sum())
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, shift, logits)
+    grads = torch.autograd.grad(loss, (x, shift, logits))
+    expected = torch.autograd.grad(fn(x, shift, logits), (x, shift, logits))
+    torch.testing.assert_close(loss, fn(x, shift, logits))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(shift=torch.randn(4, 5)), "shift must have the shape of x"),
+        (dict(scale_logits=torch.randn(4, 2)), "scale_logits must have the shape of x"),
+        (dict(shift=torch.randn(4, 3, dtype=torch.float64)), "shift has dtype"),
+        (dict(scale_logits=torch.randn(4, 3, dtype=torch.float64)), "scale_logits has dtype"),
+        (dict(x=torch.ones(4, 3, dtype=torch.long)), "x must be a floating-point"),
+        (dict(x=torch.tensor(1.0), shift=torch.tensor(1.0)), "x must have a batch dimension"),
+        (dict(scale="softplus"), "scale must be one of"),
+        (dict(clamp=0.0), "clamp must be positive"),
+    ],
+)
+def test_bad_inputs(kwargs, match):
+    args = dict(x=torch.randn(4, 3), shift=torch.randn(4, 3), scale_logits=torch.randn(4, 3))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        nflux.ops.affine_coupling(**args)
+
+
+def test_native_op_rejects_bad_input_too():
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="shift must have the shape of x"):
+        torch.ops.nflux.affine_coupling(x, torch.randn(4, 2), None, 0, None, False)
+    with pytest.raises(RuntimeError, match="scale_logits is missing"):
+        torch.ops.nflux.affine_coupling(x, x, None, 1, None, False)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _extension.cuda_kernels), reason="no CUDA kernels")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5),
+                                       (torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
+def test_cuda_matches_reference(variant, dtype, tol):
+    has_logits, scale, clamp = variant
+    for inverse in (False, True):
+        x, shift, logits = make((6, 3, 5, 7), logits=has_logits, requires_grad=True)
+        dev = [None if t is None else t.detach().to("cuda", dtype).requires_grad_() for t in (x, shift, logits)]
+        y, lad = nflux.ops.affine_coupling(*dev, scale=scale, clamp=clamp, inverse=inverse)
+        y_ref, lad_ref = reference.affine_coupling(x, shift, logits, scale=scale, clamp=clamp, inverse=inverse)
+        torch.testing.assert_close(y.double().cpu(), y_ref.detach(), rtol=tol, atol=tol * 10)
+        torch.testing.assert_close(lad.double().cpu(), lad_ref.detach(), rtol=tol, atol=tol * 100)
+        (y.double().square().sum() + lad.double().sum()).backward()
+        (y_ref.square().sum() + lad_ref.sum()).backward()
+        for d, r in zip(dev, (x, shift, logits)):
+            if r is not None:
+                torch.testing.assert_close(d.grad.double().cpu(), r.grad, rtol=tol * 10, atol=tol * 100)

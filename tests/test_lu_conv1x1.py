@@ -1,0 +1,186 @@
+"""lu_conv1x1 (and the ActNorm fold): against the float64 reference, gradients, inverse, the
+brute-force Jacobian log-determinant, bad inputs and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nflux
+from nflux import _extension
+from nflux.ops import reference
+
+pytestmark = pytest.mark.skipif(not _extension.loaded, reason="native extension not built")
+
+SHAPES = [(5, 4), (3, 4, 3, 2)]
+
+
+def params(C, dtype=torch.float64, seed=0, bias=True, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(C, generator=g)
+    lower = torch.randn(C, C, generator=g, dtype=dtype) * 0.5
+    upper = torch.randn(C, C, generator=g, dtype=dtype) * 0.5
+    log_scale = torch.randn(C, generator=g, dtype=dtype) * 0.3
+    sign = torch.where(torch.rand(C, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    b = torch.randn(C, generator=g, dtype=dtype) if bias else None
+    learn = [t.requires_grad_(requires_grad) for t in (lower, upper, log_scale) + ((b,) if bias else ())]
+    return perm, learn[0], learn[1], learn[2], sign, (learn[3] if bias else None)
+
+
+def data(shape, dtype=torch.float64, seed=1, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=dtype).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_matches_reference_float64(shape, bias, inverse):
+    x, p = data(shape), params(shape[1], bias=bias)
+    y, lad = nflux.ops.lu_conv1x1(x, *p, inverse=inverse)
+    y_ref, lad_ref = reference.lu_conv1x1(x, *p, inverse=inverse)
+    assert lad.shape == (shape[0],)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lad, lad_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_is_permuted_lu_product():
+    perm, lower, upper, log_scale, sign, _ = params(4)
+    w = reference.lu_weight(perm, lower, upper, log_scale, sign)
+    x = torch.eye(4, dtype=torch.float64)
+    y, _ = nflux.ops.lu_conv1x1(x, perm, lower, upper, log_scale, sign)
+    torch.testing.assert_close(y.T, w)  # columns of W are the images of the unit vectors
+    assert torch.linalg.det(w).abs().log().item() == pytest.approx(log_scale.sum().item())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_inverse_round_trip(shape, dtype, tol):
+    x, p = data(shape, dtype=dtype), params(shape[1], dtype=dtype)
+    y, lad = nflux.ops.lu_conv1x1(x, *p)
+    x_back, lad_inv = nflux.ops.lu_conv1x1(y, *p, inverse=True)
+    torch.testing.assert_close(x_back, x, rtol=tol, atol=tol)
+    torch.testing.assert_close(lad_inv, -lad)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_gradcheck(shape, bias, inverse):
+    x = data(shape, requires_grad=True)
+    perm, lower, upper, log_scale, sign, b = params(shape[1], bias=bias, requires_grad=True)
+
+    def fn(x, lower, upper, log_scale, *rest):
+        return nflux.ops.lu_conv1x1(
+            x, perm, lower, upper, log_scale, sign, rest[0] if rest else None, inverse=inverse
+        )
+
+    args = (x, lower, upper, log_scale) + ((b,) if bias else ())
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_gradients_only_reach_the_triangles():
+    x = data((3, 4, 2, 2))
+    perm, lower, upper, log_scale, sign, b = params(4, requires_grad=True)
+    y, lad = nflux.ops.lu_conv1x1(x, perm, lower, upper, log_scale, sign, b)
+    (y.square().sum() + lad.sum()).backward()
+    assert torch.all(lower.grad.triu() == 0) and torch.all(upper.grad.tril() == 0)
+    assert lower.grad.tril(-1).abs().sum() > 0 and upper.grad.triu(1).abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (2, 3, 2, 2)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_logabsdet_is_brute_force_jacobian(shape, inverse):
+    x, p = data(shape), params(shape[1])
+    _, lad = nflux.ops.lu_conv1x1(x, *p, inverse=inverse)
+    for n in range(shape[0]):
+        jac = torch.autograd.functional.jacobian(
+            lambda v: nflux.ops.lu_conv1x1(v.unsqueeze(0), *p, inverse=inverse)[0].flatten(), x[n]
+        )
+        expected = torch.linalg.slogdet(jac.reshape(x[n].numel(), -1)).logabsdet
+        torch.testing.assert_close(lad[n], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck(shape, bias):
+    for inverse in (False, True):
+        x = data(shape, requires_grad=True)
+        p = params(shape[1], bias=bias, requires_grad=True)
+        torch.library.opcheck(torch.ops.nflux.lu_conv1x1, (x, *p, inverse))
+
+
+def test_actnorm_fold_equals_actnorm_then_conv():
+    C = 4
+    x = data((3, C, 2, 3))
+    perm, lower, upper, log_scale, sign, b = params(C, requires_grad=True)
+    an_ls = (torch.randn(C, dtype=torch.float64) * 0.2).requires_grad_()
+    an_b = torch.randn(C, dtype=torch.float64).requires_grad_()
+
+    actnorm = torch.exp(an_ls)[:, None, None] * (x + an_b[:, None, None])
+    y_ref, lad_ref = reference.lu_conv1x1(actnorm, perm, lower, upper, log_scale, sign, b)
+    lad_ref = lad_ref + x.shape[2] * x.shape[3] * an_ls.sum()
+    folded = nflux.ops.fold_actnorm(perm, lower, upper, log_scale, sign, b, an_ls, an_b)
+    y, lad = nflux.ops.lu_conv1x1(x, perm, lower, folded[0], folded[1], sign, folded[2])
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(lad, lad_ref)
+    g = torch.autograd.grad((y.sum() + lad.sum()), (an_ls, an_b, upper))
+    g_ref = torch.autograd.grad((y_ref.sum() + lad_ref.sum()), (an_ls, an_b, upper))
+    for got, want in zip(g, g_ref):
+        torch.testing.assert_close(got, want)
+
+
+def test_non_contiguous_and_expanded_gradient():
+    base = data((3, 2, 4, 5))
+    x = base.transpose(1, 2)  # [3, 4, 2, 5], not contiguous
+    p = params(4, requires_grad=True)
+    y, lad = nflux.ops.lu_conv1x1(x, *p)
+    torch.testing.assert_close(y, reference.lu_conv1x1(x, *p)[0])
+    (y.sum() + lad.sum()).backward()  # the sum's expanded gradient
+    assert p[1].grad is not None and torch.isfinite(p[1].grad).all()
+
+
+def test_compile_fullgraph():
+    x = data((4, 3, 2, 2), dtype=torch.float32, requires_grad=True)
+    perm, lower, upper, log_scale, sign, b = params(3, dtype=torch.float32, requires_grad=True)
+
+    def fn(x, lower, upper, log_scale, b):
+        y, lad = nflux.ops.lu_conv1x1(x, perm, lower, upper, log_scale, sign, b)
+        x_back, _ = nflux.ops.lu_conv1x1(y, perm, lower, upper, log_scale, sign, b, inverse=True)
+        return y.square().sum() - lad.sum() + x_back.sum()
+
+    args = (x, lower, upper, log_scale, b)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*args), args)
+    want = torch.autograd.grad(fn(*args), args)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("x", torch.randn(2, 4, 3), r"x must have shape \[B, C\] or \[B, C, H, W\]"),
+        ("x", torch.ones(2, 4, dtype=torch.long), "x must be a floating-point"),
+        ("perm", torch.arange(4, dtype=torch.int32), "perm must be an int64"),
+        ("perm", torch.arange(3), r"perm must have shape \[4\]"),
+        ("lower", torch.randn(4, 3), r"lower must have shape \[4, 4\]"),
+        ("upper", torch.randn(4, 4, dtype=torch.float64), "upper has dtype"),
+        ("log_scale", torch.randn(5), r"log_scale must have shape \[4\]"),
+        ("sign", torch.ones(4, 1), r"sign must have shape \[4\]"),
+        ("bias", torch.randn(3), r"bias must have shape \[4\]"),
+    ],
+)
+def test_bad_inputs(field, value, match):
+    perm, lower, upper, log_scale, sign, b = params(4, dtype=torch.float32)
+    args = dict(x=torch.randn(2, 4), perm=perm, lower=lower, upper=upper, log_scale=log_scale,
+                sign=sign, bias=b)
+    args[field] = value
+    with pytest.raises(ValueError, match=match):
+        nflux.ops.lu_conv1x1(**args)
+
+
+def test_native_op_rejects_bad_input_too():
+    perm, lower, upper, log_scale, sign, b = params(4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"lower must have shape \[4, 4\]"):
+        torch.ops.nflux.lu_conv1x1(torch.randn(2, 4), perm, lower[:3], upper, log_scale, sign, b, False)
