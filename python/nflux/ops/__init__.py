@@ -4,6 +4,8 @@ Models and transforms call these functions, never torch.ops.nflux directly.
 """
 
 from nflux.ops import reference
+from nflux.ops.made_inverse import autoregressive_transformer, made_inverse
+from nflux.ops.masked_linear import masked_linear
 from nflux.ops.rq_spline import rq_spline
 
-__all__ = ["reference", "rq_spline"]
+__all__ = ["autoregressive_transformer", "made_inverse", "masked_linear", "reference", "rq_spline"]
