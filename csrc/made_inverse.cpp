@@ -9,7 +9,9 @@
 // The masks are never read: they are implied by the degrees, so the weights may be stored
 // unmasked.
 //
-// Composed of ATen ops, so one implementation serves CPU and CUDA (cuBLAS through ATen).
+// This file: the checks and degree-sorted plan (shared with csrc/cpu/made_inverse_cpu.cpp), and
+// an implementation composed of ATen ops, registered for CUDA (cuBLAS through ATen; one small
+// GEMM per layer and step, no CUDA graph or persistent kernel yet).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -21,6 +23,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "made_inverse.h"
 
 namespace nflux {
 namespace {
@@ -40,14 +43,6 @@ Activation activation_for(c10::string_view name) {
   TORCH_CHECK(false, "nflux: activation must be one of relu, elu, tanh, gelu, got '",
               std::string(name), "'");
 }
-
-// One layer's units sorted by degree: perm[i] is the original index of sorted unit i, and
-// units of degree <= k are the first upto(k) sorted units.
-struct Sorted {
-  std::vector<int64_t> perm;
-  std::vector<int64_t> count_le;  // count_le[k] = #units of degree <= k, for k in [0, D]
-  int64_t upto(int64_t k) const { return k < 0 ? 0 : count_le[std::min<int64_t>(k, count_le.size() - 1)]; }
-};
 
 Sorted sort_by_degree(const int64_t* degree, int64_t n, int64_t D) {
   Sorted s;
@@ -75,11 +70,13 @@ at::Tensor block(const at::Tensor& input, int64_t k, const at::Tensor& wt, const
   return pre;
 }
 
-std::tuple<at::Tensor, at::Tensor> made_inverse(
-    const at::Tensor& y, at::TensorList weights, at::TensorList biases, at::IntArrayRef degrees,
-    at::TensorList context_terms, bool residual, c10::string_view activation,
-    c10::string_view transformer, double tail_bound, double min_bin_width,
-    double min_bin_height, double min_derivative) {
+}  // namespace
+
+MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList biases,
+                   at::IntArrayRef degrees, at::TensorList context_terms, bool residual,
+                   c10::string_view activation, c10::string_view transformer, double tail_bound,
+                   double min_bin_width, double min_bin_height, double min_derivative,
+                   bool transpose) {
   check_floating(y, "y");
   TORCH_CHECK(y.dim() == 2, "nflux: y must have shape [batch, features], got ", y.sizes());
   const int64_t B = y.size(0), D = y.size(1);
@@ -94,12 +91,23 @@ std::tuple<at::Tensor, at::Tensor> made_inverse(
   TORCH_CHECK(context_terms.empty() || static_cast<int64_t>(context_terms.size()) == hidden,
               "nflux: context_terms must be empty or have one entry per hidden layer (", hidden,
               "), got ", context_terms.size());
-  const Activation act = activation_for(activation);
+  activation_for(activation);
   const bool affine = transformer == "affine";
   TORCH_CHECK(affine || transformer == "rq_spline",
               "nflux: transformer must be 'affine' or 'rq_spline', got '", std::string(transformer), "'");
 
-  std::vector<int64_t> width(n);
+  MadePlan plan;
+  plan.batch = B;
+  plan.features = D;
+  plan.residual = residual;
+  plan.affine = affine;
+  plan.activation = std::string(activation);
+  plan.tail_bound = tail_bound;
+  plan.min_bin_width = min_bin_width;
+  plan.min_bin_height = min_bin_height;
+  plan.min_derivative = min_derivative;
+  std::vector<int64_t>& width = plan.widths;
+  width.resize(n);
   for (int64_t l = 0; l < n; ++l) {
     check_same_dtype_device(weights[l], y, "weights[i]", "y");
     check_same_dtype_device(biases[l], y, "biases[i]", "y");
@@ -121,6 +129,8 @@ std::tuple<at::Tensor, at::Tensor> made_inverse(
               "params rows, got ", width[n - 1], " for ", D, " features");
   const int64_t P = width[n - 1] / D;
   const int64_t K = (P + 1) / 3;
+  plan.params = P;
+  plan.bins = K;
   if (affine) {
     TORCH_CHECK(P == 2, "nflux: the affine transformer needs 2 params per feature (shift, log_scale), got ", P);
   } else {
@@ -142,8 +152,7 @@ std::tuple<at::Tensor, at::Tensor> made_inverse(
                 "nflux: the input degrees must be a permutation of 1..", D, ", got ",
                 degrees.slice(0, D));
   }
-  const Sorted in_sort = sort_by_degree(degrees.data(), D, D);
-  std::vector<Sorted> sorts;
+  plan.sorts_in = sort_by_degree(degrees.data(), D, D);
   int64_t offset = D;
   for (int64_t l = 0; l < hidden; ++l) {
     for (int64_t i = 0; i < width[l]; ++i)
@@ -153,26 +162,50 @@ std::tuple<at::Tensor, at::Tensor> made_inverse(
                                                      degrees.begin() + D),
                   "nflux: a residual MADE needs the same degrees in every hidden layer");
     }
-    sorts.push_back(sort_by_degree(degrees.data() + offset, width[l], D));
+    plan.sorts.push_back(sort_by_degree(degrees.data() + offset, width[l], D));
     offset += width[l];
   }
 
-  // Weights permuted once per call (O(params)) and transposed, so every step's operand is a
-  // contiguous-row slice that BLAS takes without a copy.
+  // Weights permuted once per call (O(params)), so every step reads contiguous slices.
   const at::Device device = y.device();
-  const at::Tensor in_perm = index_tensor(in_sort.perm, device);
+  plan.in_perm = index_tensor(plan.sorts_in.perm, device);
   std::vector<int64_t> out_rows(D * P);
   for (int64_t p = 0; p < D; ++p)
-    for (int64_t q = 0; q < P; ++q) out_rows[p * P + q] = in_sort.perm[p] * P + q;
-  std::vector<at::Tensor> wt(n), bs(n), ctx(hidden);
-  at::Tensor prev_perm = in_perm;
+    for (int64_t q = 0; q < P; ++q) out_rows[p * P + q] = plan.sorts_in.perm[p] * P + q;
+  plan.weights.resize(n);
+  plan.biases.resize(n);
+  plan.context.resize(hidden);
+  at::Tensor prev_perm = plan.in_perm;
   for (int64_t l = 0; l < n; ++l) {
-    const at::Tensor rows = l < hidden ? index_tensor(sorts[l].perm, device) : index_tensor(out_rows, device);
-    wt[l] = weights[l].index_select(0, rows).index_select(1, prev_perm).t().contiguous();
-    bs[l] = biases[l].index_select(0, rows);
-    if (l < hidden && !context_terms.empty()) ctx[l] = context_terms[l].index_select(1, rows);
+    const at::Tensor rows = l < hidden ? index_tensor(plan.sorts[l].perm, device) : index_tensor(out_rows, device);
+    const at::Tensor w = weights[l].index_select(0, rows).index_select(1, prev_perm);
+    plan.weights[l] = transpose ? w.t().contiguous() : w.contiguous();
+    plan.biases[l] = biases[l].index_select(0, rows).contiguous();
+    if (l < hidden && !context_terms.empty()) plan.context[l] = context_terms[l].index_select(1, rows).contiguous();
     prev_perm = rows;
   }
+  return plan;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> made_inverse_composite(
+    const at::Tensor& y, at::TensorList weights, at::TensorList biases, at::IntArrayRef degrees,
+    at::TensorList context_terms, bool residual, c10::string_view activation,
+    c10::string_view transformer, double tail_bound, double min_bin_width,
+    double min_bin_height, double min_derivative) {
+  const MadePlan plan =
+      made_plan(y, weights, biases, degrees, context_terms, residual, activation, transformer,
+                tail_bound, min_bin_width, min_bin_height, min_derivative, /*transpose=*/true);
+  const Activation act = activation_for(activation);
+  const int64_t B = plan.batch, D = plan.features, P = plan.params, K = plan.bins;
+  const int64_t n = static_cast<int64_t>(plan.weights.size()), hidden = n - 1;
+  const std::vector<int64_t>& width = plan.widths;
+  const std::vector<at::Tensor>& wt = plan.weights;
+  const std::vector<at::Tensor>& bs = plan.biases;
+  const std::vector<at::Tensor>& ctx = plan.context;
+  const std::vector<Sorted>& sorts = plan.sorts;
+  const bool affine = plan.affine;
 
   static auto spline = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("nflux::rq_spline", "")
@@ -180,10 +213,10 @@ std::tuple<at::Tensor, at::Tensor> made_inverse(
                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, bool, double, double, double, double)>();
 
-  const at::Tensor ys = y.index_select(1, in_perm);
+  const at::Tensor ys = y.index_select(1, plan.in_perm);
   at::Tensor xs = at::zeros_like(ys);
   at::Tensor logabsdet = at::zeros({B}, y.options());
-  // Per hidden layer the values the next layer reads (plain: activations; residual: see below).
+  // Per hidden layer the values the next layer reads (plain: activations; residual: below).
   std::vector<at::Tensor> buf(hidden);
   for (int64_t l = 0; l < hidden; ++l) buf[l] = at::empty({B, width[l]}, y.options());
   // Residual: buf[0] = stream after the initial layer, buf[2b+2] = stream after block b, and
@@ -192,13 +225,12 @@ std::tuple<at::Tensor, at::Tensor> made_inverse(
   std::vector<at::Tensor> gated(blocks);
   for (int64_t b = 0; b < blocks; ++b) gated[b] = at::empty({B, width[0]}, y.options());
   const at::Tensor none;
-
   for (int64_t d = 1; d <= D; ++d) {
     const int64_t k = d - 1;  // the degree of the hidden units that become computable now
     for (int64_t l = 0; l < hidden; ++l) {
       const int64_t r0 = sorts[l].upto(k - 1), r1 = sorts[l].upto(k);
       if (r1 == r0) continue;
-      const at::Tensor& c = context_terms.empty() ? none : ctx[l];
+      const at::Tensor& c = ctx[l];
       if (l == 0) {
         const at::Tensor pre = block(xs, k, wt[0], bs[0], c, r0, r1);
         buf[0].narrow(1, r0, r1 - r0).copy_(residual ? pre : act(pre));
@@ -232,16 +264,19 @@ std::tuple<at::Tensor, at::Tensor> made_inverse(
     }
   }
   at::Tensor x = at::empty_like(ys);
-  x.index_copy_(1, in_perm, xs);
+  x.index_copy_(1, plan.in_perm, xs);
   return {x, logabsdet};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nflux, CPU, m) { m.impl("made_inverse", &made_inverse); }
+TORCH_LIBRARY_IMPL(nflux, CPU, m) { m.impl("_made_inverse_composite", &made_inverse_composite); }
 
 #ifdef NFLUX_WITH_CUDA
-TORCH_LIBRARY_IMPL(nflux, CUDA, m) { m.impl("made_inverse", &made_inverse); }
+TORCH_LIBRARY_IMPL(nflux, CUDA, m) {
+  m.impl("made_inverse", &made_inverse_composite);
+  m.impl("_made_inverse_composite", &made_inverse_composite);
+}
 #endif
 
 }  // namespace nflux

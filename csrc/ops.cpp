@@ -36,6 +36,12 @@ TORCH_LIBRARY(nflux, m) {
       "float min_bin_width, float min_bin_height, float min_derivative) "
       "-> (Tensor x, Tensor logabsdet)",
       {at::Tag::pt2_compliant_tag});
+  // The ATen-composed implementation that serves CUDA, exposed so CPU tests cover it too.
+  m.def(
+      "_made_inverse_composite(Tensor y, Tensor[] weights, Tensor[] biases, int[] degrees, "
+      "Tensor[] context_terms, bool residual, str activation, str transformer, float tail_bound, "
+      "float min_bin_width, float min_bin_height, float min_derivative) "
+      "-> (Tensor x, Tensor logabsdet)");
 }
 
 PYBIND11_MODULE(_C, module) {

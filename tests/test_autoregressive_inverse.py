@@ -174,3 +174,18 @@ def test_bad_inputs():
         torch.ops.nflux.made_inverse(y, w, b, [1, 1, 3, *deg[3:]], [], False, "relu", "affine", 3.0, 1e-3, 1e-3, 1e-3)
     with pytest.raises(RuntimeError, match="activation"):
         torch.ops.nflux.made_inverse(y, w, b, deg, [], False, "swish", "affine", 3.0, 1e-3, 1e-3, 1e-3)
+
+
+@pytest.mark.parametrize("transformer,residual,context", [("affine", True, True), ("rq_spline", False, True)])
+def test_composite_path_matches(transformer, residual, context):
+    """The ATen-composed implementation (the one CUDA runs) agrees with the CPU kernel."""
+    made = _made(D=6, transformer=transformer, residual=residual, context=context, ordering="random")
+    y = torch.randn(70, 6, dtype=torch.float64)  # more than one 64-row tile, with a ragged end
+    c = torch.randn(70, 3, dtype=torch.float64) if context else None
+    kw = _kw(made, transformer)
+    options = (kw["residual"], kw["activation"], transformer, *(SPLINE.values() if transformer == "rq_spline"
+                                                                   else (3.0, 1e-3, 1e-3, 1e-3)))
+    with torch.no_grad():
+        got = torch.ops.nflux._made_inverse_composite(*_args(made, y, c), *options)
+        want = nflux.ops.made_inverse(*_args(made, y, c), **kw)
+    torch.testing.assert_close(got, want)
