@@ -66,8 +66,7 @@ def peers(D: int) -> dict:
     except ImportError:
         pass
     try:
-        from nflows.distributions import StandardNormal
-        from nflows.flows import Flow
+        # nflows.flows pulls in matplotlib; the transforms alone do not, so compose by hand.
         from nflows.transforms import CompositeTransform, MaskedAffineAutoregressiveTransform, ReversePermutation
 
         torch.manual_seed(0)
@@ -75,8 +74,14 @@ def peers(D: int) -> dict:
         for _ in range(LAYERS):
             # nflows' MADE: an initial layer and num_blocks more, so hidden = (256, 256)
             parts += [MaskedAffineAutoregressiveTransform(D, HIDDEN[0], num_blocks=1), ReversePermutation(D)]
-        flow = Flow(CompositeTransform(parts), StandardNormal([D])).eval()
-        found["nflows"] = (lambda n: flow.sample(n), lambda x: flow.log_prob(x))
+        transform = CompositeTransform(parts).eval()
+        base = torch.distributions.Normal(0.0, 1.0)
+
+        def nflows_log_prob(x):
+            z, lad = transform(x)
+            return base.log_prob(z).sum(-1) + lad
+
+        found["nflows"] = (lambda n: transform.inverse(torch.randn(n, D))[0], nflows_log_prob)
     except ImportError:
         pass
     return found
