@@ -189,3 +189,14 @@ def test_composite_path_matches(transformer, residual, context):
         got = torch.ops.nflux._made_inverse_composite(*_args(made, y, c), *options)
         want = nflux.ops.made_inverse(*_args(made, y, c), **kw)
     torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_fullgraph():
+    made = _made(D=4, transformer="rq_spline", residual=True, context=True, dtype=torch.float32)
+    y, c = torch.randn(8, 4), torch.randn(8, 3)
+
+    def sample(y, c):
+        return made.inverse_autoregressive(y, "rq_spline", c, **SPLINE)
+
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(sample, fullgraph=True)(y, c), sample(y, c))
