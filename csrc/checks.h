@@ -124,3 +124,26 @@ inline int64_t check_lu_conv1x1_args(const at::Tensor& x, const at::Tensor& perm
 }
 
 }  // namespace nflux
+
+namespace nflux {
+
+// masked_linear: input [..., I], weight and mask [O, I], bias [O] or absent.
+inline void check_masked_linear_args(const at::Tensor& input, const at::Tensor& weight,
+                                     const c10::optional<at::Tensor>& bias,
+                                     const at::Tensor& mask) {
+  check_floating(input, "input");
+  check_same_dtype_device(weight, input, "weight", "input");
+  check_same_dtype_device(mask, input, "mask", "input");
+  TORCH_CHECK(weight.dim() == 2, "nflux: weight must have shape [out, in], got ", weight.sizes());
+  TORCH_CHECK(mask.sizes() == weight.sizes(), "nflux: mask must have the shape of weight ",
+              weight.sizes(), ", got ", mask.sizes());
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == weight.size(1), "nflux: input must have shape [..., ",
+              weight.size(1), "], got ", input.sizes());
+  if (bias.has_value() && bias->defined()) {
+    check_same_dtype_device(*bias, input, "bias", "input");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "nflux: bias must have shape [",
+                weight.size(0), "], got ", bias->sizes());
+  }
+}
+
+}  // namespace nflux

@@ -39,6 +39,28 @@ TORCH_LIBRARY(nflux, m) {
       "(Tensor grad_x, Tensor grad_lower, Tensor grad_upper, Tensor grad_log_scale, "
       "Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
+  m.def(
+      "masked_linear(Tensor input, Tensor weight, Tensor? bias, Tensor mask) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "masked_linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
+      {at::Tag::pt2_compliant_tag});
+  // One-pass inversion of a MADE-conditioned autoregressive transform. degrees: the D input
+  // degrees, then the degrees of every hidden layer's units (ints, so they are static under
+  // tracing). Its backward is composite (Python, through the differentiable reference).
+  m.def(
+      "made_inverse(Tensor y, Tensor[] weights, Tensor[] biases, int[] degrees, "
+      "Tensor[] context_terms, bool residual, str activation, str transformer, float tail_bound, "
+      "float min_bin_width, float min_bin_height, float min_derivative) "
+      "-> (Tensor x, Tensor logabsdet)",
+      {at::Tag::pt2_compliant_tag});
+  // The ATen-composed implementation that serves CUDA, exposed so CPU tests cover it too.
+  m.def(
+      "_made_inverse_composite(Tensor y, Tensor[] weights, Tensor[] biases, int[] degrees, "
+      "Tensor[] context_terms, bool residual, str activation, str transformer, float tail_bound, "
+      "float min_bin_width, float min_bin_height, float min_derivative) "
+      "-> (Tensor x, Tensor logabsdet)");
 }
 
 PYBIND11_MODULE(_C, module) {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nflux import _extension, ops
+from nflux import _extension, nets, ops
 
 __version__ = "0.1.0"
 
@@ -22,4 +22,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = ["build_info", "nets", "ops", "__version__"]

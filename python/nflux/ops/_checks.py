@@ -138,3 +138,103 @@ def check_lu_conv1x1_args(
         if tuple(tensor.shape) != shape:
             raise ValueError(f"nflux: {name} must have shape {list(shape)}, got {_shape(tensor)}")
     return C
+
+
+def check_masked_linear_args(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor
+) -> None:
+    """Validates masked_linear's arguments: input [..., I], weight and mask [O, I], bias [O]."""
+    check_floating(input, "input")
+    check_like(weight, input, "weight", "input")
+    check_like(mask, input, "mask", "input")
+    if weight.dim() != 2:
+        raise ValueError(f"nflux: weight must have shape [out, in], got {list(weight.shape)}")
+    if mask.shape != weight.shape:
+        raise ValueError(
+            f"nflux: mask must have the shape of weight {list(weight.shape)}, got {list(mask.shape)}"
+        )
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"nflux: input must have shape [..., {weight.shape[1]}], got {list(input.shape)}")
+    if bias is not None:
+        check_like(bias, input, "bias", "input")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"nflux: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+
+
+ACTIVATIONS = ("relu", "elu", "tanh", "gelu")
+TRANSFORMERS = ("affine", "rq_spline")
+
+
+def check_made_inverse_args(
+    y: torch.Tensor,
+    weights: list,
+    biases: list,
+    degrees: list,
+    context_terms: list,
+    residual: bool,
+    activation: str,
+    transformer: str,
+) -> int:
+    """Validates made_inverse's arguments (shapes and static ints only); returns params per feature."""
+    check_floating(y, "y")
+    if y.dim() != 2:
+        raise ValueError(f"nflux: y must have shape [batch, features], got {list(y.shape)}")
+    B, D = y.shape
+    n = len(weights)
+    if n < 2:
+        raise ValueError(f"nflux: weights needs at least one hidden layer and the output layer, got {n} matrices")
+    if len(biases) != n:
+        raise ValueError(f"nflux: biases must have one entry per weight ({n}), got {len(biases)}")
+    if residual and (n % 2 or n < 4):
+        raise ValueError(
+            f"nflux: a residual MADE has weights [initial, (2 per block)..., output], an even number >= 4, got {n}"
+        )
+    if context_terms and len(context_terms) != n - 1:
+        raise ValueError(
+            f"nflux: context_terms must be empty or have one entry per hidden layer ({n - 1}), got {len(context_terms)}"
+        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"nflux: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if transformer not in TRANSFORMERS:
+        raise ValueError(f"nflux: transformer must be 'affine' or 'rq_spline', got {transformer!r}")
+    fan_in = D
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        check_like(w, y, f"weights[{i}]", "y")
+        check_like(b, y, f"biases[{i}]", "y")
+        if w.dim() != 2 or w.shape[1] != fan_in:
+            raise ValueError(f"nflux: weights[{i}] must have shape [out, {fan_in}], got {list(w.shape)}")
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"nflux: biases[{i}] must have shape [{w.shape[0]}], got {list(b.shape)}")
+        if context_terms and i < n - 1:
+            c = context_terms[i]
+            check_like(c, y, f"context_terms[{i}]", "y")
+            if c.shape != (B, w.shape[0]):
+                raise ValueError(
+                    f"nflux: context_terms[{i}] must have shape [{B}, {w.shape[0]}], got {list(c.shape)}"
+                )
+        fan_in = w.shape[0]
+    if D < 1 or fan_in % D:
+        raise ValueError(f"nflux: the output layer must have features * params rows, got {fan_in} for {D} features")
+    P = fan_in // D
+    if transformer == "affine" and P != 2:
+        raise ValueError(f"nflux: the affine transformer needs 2 params per feature (shift, log_scale), got {P}")
+    if transformer == "rq_spline" and (P < 2 or (P + 1) % 3):
+        raise ValueError(f"nflux: the rq_spline transformer needs 3K-1 params per feature, got {P}")
+    total = D + sum(w.shape[0] for w in weights[:-1])
+    if len(degrees) != total:
+        raise ValueError(
+            f"nflux: degrees must hold the {D} input degrees and then every hidden unit's degree "
+            f"({total} in all), got {len(degrees)}"
+        )
+    if sorted(degrees[:D]) != list(range(1, D + 1)):
+        raise ValueError(f"nflux: the input degrees must be a permutation of 1..{D}, got {list(degrees[:D])}")
+    if any(k < 0 for k in degrees[D:]):
+        raise ValueError("nflux: hidden degrees must be >= 0")
+    if residual:
+        H = weights[0].shape[0]
+        first = list(degrees[D : D + H])
+        for i in range(1, n - 1):
+            start = D + H * i
+            if weights[i].shape[0] != H or list(degrees[start : start + H]) != first:
+                raise ValueError("nflux: a residual MADE needs the same degrees in every hidden layer")
+    return P

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from nflux.ops._checks import (
     check_affine_coupling_args,
     check_lu_conv1x1_args,
+    check_made_inverse_args,
+    check_masked_linear_args,
     check_rq_spline_args,
 )
 
@@ -164,3 +166,213 @@ def lu_conv1x1(
         out = out if b is None else out + b
         lad = pixels * log_scale.sum()
     return out, lad.expand(x.shape[0]).clone()
+
+
+def masked_linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor
+) -> torch.Tensor:
+    """y = input (weight * mask)^T + bias; see nflux.ops.masked_linear."""
+    check_masked_linear_args(input, weight, bias, mask)
+    return F.linear(input, weight * mask, bias)
+
+
+_ACTIVATIONS = {"relu": torch.relu, "elu": F.elu, "tanh": torch.tanh, "gelu": F.gelu}
+
+
+def made_masks(degrees: list[int], widths: list[int], D: int) -> list[torch.Tensor]:
+    """The MADE masks implied by the degrees: [D inputs, hidden units...]; widths of every layer.
+
+    Hidden unit of degree k sees units of degree <= k; output of input i sees degree < deg(i).
+    """
+    sizes = [D, *widths[:-1]]
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    layer_degrees = [torch.tensor(degrees[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+    P = widths[-1] // D
+    masks = []
+    for i in range(len(widths)):
+        d_in = layer_degrees[i]
+        if i + 1 < len(widths):
+            masks.append((layer_degrees[i + 1][:, None] >= d_in[None, :]).float())
+        else:
+            d_out = layer_degrees[0].repeat_interleave(P)
+            masks.append((d_out[:, None] > d_in[None, :]).float())
+    return masks
+
+
+def made_forward(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    degrees: list[int],
+    context_terms: list[torch.Tensor],
+    residual: bool,
+    activation: str,
+) -> torch.Tensor:
+    """MADE outputs [B, D, P] for inputs x [B, D] (weights masked here by the degrees).
+
+    Plain: h = act(L_l(h) + c_l) per hidden layer, then the output layer. Residual (ResMADE):
+    h = L_0(x) + c_0; per block h = h + L_b2(act(L_b1(act(h)) + c_b1)) + c_b2; output L(h).
+    """
+    D = x.shape[1]
+    masks = [m.to(x) for m in made_masks(degrees, [w.shape[0] for w in weights], D)]
+    act = _ACTIVATIONS[activation]
+    n = len(weights)
+
+    def linear(i, h):
+        out = F.linear(h, weights[i] * masks[i], biases[i])
+        return out + context_terms[i] if context_terms and i < n - 1 else out
+
+    if not residual:
+        h = x
+        for i in range(n - 1):
+            h = act(linear(i, h))
+    else:
+        h = linear(0, x)
+        for i in range(1, n - 1, 2):
+            h = h + linear(i + 1, act(linear(i, act(h))))
+    return linear(n - 1, h).reshape(x.shape[0], D, -1)
+
+
+def autoregressive_transformer(
+    inputs: torch.Tensor,
+    params: torch.Tensor,
+    transformer: str,
+    *,
+    inverse: bool = False,
+    tail_bound: float = 3.0,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elementwise transformer of an autoregressive flow, summed logabsdet [B].
+
+    affine: params [..., 2] = (shift, log_scale), y = x * exp(log_scale) + shift.
+    rq_spline: params [..., 3K-1] = (widths K, heights K, derivatives K-1), see rq_spline.
+    """
+    if transformer == "affine":
+        shift, log_scale = params[..., 0], params[..., 1]
+        if inverse:
+            return (inputs - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
+        return inputs * torch.exp(log_scale) + shift, log_scale.sum(-1)
+    K = (params.shape[-1] + 1) // 3
+    out, lad = rq_spline(
+        inputs,
+        params[..., :K],
+        params[..., K : 2 * K],
+        params[..., 2 * K :],
+        inverse=inverse,
+        tail_bound=tail_bound,
+        min_bin_width=min_bin_width,
+        min_bin_height=min_bin_height,
+        min_derivative=min_derivative,
+    )
+    return out, lad.sum(-1)
+
+
+def made_inverse_naive(
+    y: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    degrees: list[int],
+    context_terms: list[torch.Tensor],
+    residual: bool,
+    activation: str,
+    transformer: str,
+    tail_bound: float = 3.0,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The textbook inversion: D full MADE passes, after pass d the first d inputs are exact."""
+    check_made_inverse_args(y, weights, biases, degrees, context_terms, residual, activation, transformer)
+    x = torch.zeros_like(y)
+    options = dict(
+        tail_bound=tail_bound, min_bin_width=min_bin_width, min_bin_height=min_bin_height,
+        min_derivative=min_derivative,
+    )
+    for _ in range(y.shape[1]):
+        params = made_forward(x, weights, biases, degrees, context_terms, residual, activation)
+        x, logabsdet = autoregressive_transformer(y, params, transformer, inverse=True, **options)
+    return x, logabsdet
+
+
+def made_inverse(
+    y: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    degrees: list[int],
+    context_terms: list[torch.Tensor],
+    residual: bool,
+    activation: str,
+    transformer: str,
+    tail_bound: float = 3.0,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-pass inversion in plain, differentiable torch: per degree d, only the hidden units of
+    degree d-1 (from the already-final units of lower degree), then x_d. Same function as
+    made_inverse_naive; slower than the native op (it concatenates prefixes), used as its
+    autograd formula and as the fallback.
+    """
+    check_made_inverse_args(y, weights, biases, degrees, context_terms, residual, activation, transformer)
+    B, D = y.shape
+    n = len(weights)
+    act = _ACTIVATIONS[activation]
+    P = weights[-1].shape[0] // D
+    options = dict(
+        tail_bound=tail_bound, min_bin_width=min_bin_width, min_bin_height=min_bin_height,
+        min_derivative=min_derivative,
+    )
+    # Index lists in plain Python, so the function also traces under fake tensors. Every
+    # column a unit reads here is one its mask admits, so no mask is applied.
+    degrees = [int(k) for k in degrees]
+    x_order = sorted(range(D), key=lambda j: degrees[j])
+    hidden_deg, start = [], D
+    for w in weights[:-1]:
+        hidden_deg.append(degrees[start : start + w.shape[0]])
+        start += w.shape[0]
+    xs: list = [None] * D
+    # Per hidden layer, the blocks computed so far: (unit indices, values [B, len]).
+    layers: list[list] = [[] for _ in range(n - 1)]
+    gated: list[list] = [[] for _ in range(n - 1)]
+    logabsdet = y.new_zeros(B)
+
+    def gather(blocks):
+        index = [u for units, _ in blocks for u in units]
+        values = torch.cat([v for _, v in blocks], dim=1) if blocks else y.new_zeros(B, 0)
+        return index, values
+
+    def linear(i, rows, index, values):
+        out = F.linear(values, weights[i][rows][:, index], biases[i][rows])
+        return out + context_terms[i][:, rows] if context_terms and i < n - 1 else out
+
+    for d in range(1, D + 1):
+        k = d - 1
+        for i in range(n - 1):
+            units = [u for u, g in enumerate(hidden_deg[i]) if g == k]
+            if not units:
+                continue
+            if i == 0:
+                index = x_order[:k]
+                values = torch.stack([xs[j] for j in index], dim=1) if k else y.new_zeros(B, 0)
+                pre = linear(0, units, index, values)
+                layers[0].append((units, pre if residual else act(pre)))
+            elif not residual:
+                layers[i].append((units, act(linear(i, units, *gather(layers[i - 1])))))
+            elif i % 2 == 1:  # first linear of a block reads act(stream)
+                gated[i].append((units, act(layers[i - 1][-1][1])))
+                layers[i].append((units, act(linear(i, units, *gather(gated[i])))))
+            else:  # second linear: stream + block output
+                t = linear(i, units, *gather(layers[i - 1]))
+                layers[i].append((units, layers[i - 2][-1][1] + t))
+        j = x_order[k]
+        params = linear(n - 1, list(range(j * P, (j + 1) * P)), *gather(layers[n - 2]))
+        xj, lad = autoregressive_transformer(
+            y[:, j : j + 1], params[:, None, :], transformer, inverse=True, **options
+        )
+        xs[j] = xj[:, 0]
+        logabsdet = logabsdet + lad
+    return torch.stack(xs, dim=1), logabsdet

@@ -1,0 +1,44 @@
+// made_inverse: the argument checks and the degree-sorted copy of the network, shared by the
+// CPU kernel and the ATen-composed implementation (CUDA).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace nflux {
+
+// One layer's units sorted by degree: perm[i] is the original index of sorted unit i, and
+// the units of degree <= k are the first upto(k) sorted units.
+struct Sorted {
+  std::vector<int64_t> perm;
+  std::vector<int64_t> count_le;  // count_le[k] = #units of degree <= k, k in [0, D]
+  int64_t upto(int64_t k) const {
+    return k < 0 ? 0 : count_le[std::min<int64_t>(k, static_cast<int64_t>(count_le.size()) - 1)];
+  }
+};
+
+struct MadePlan {
+  int64_t batch = 0, features = 0, params = 0, bins = 0;
+  bool residual = false, affine = true;
+  std::string activation;
+  double tail_bound = 3, min_bin_width = 1e-3, min_bin_height = 1e-3, min_derivative = 1e-3;
+  std::vector<int64_t> widths;        // out features per layer, the output layer last
+  Sorted sorts_in;                    // the inputs by degree (perm = generation order)
+  std::vector<Sorted> sorts;          // per hidden layer
+  at::Tensor in_perm;                 // sorts_in.perm on the device
+  // Rows (units) and columns (the previous layer's units) in degree order; the output layer's
+  // rows are grouped per generation step. [out, in] contiguous, or [in, out] if transposed.
+  std::vector<at::Tensor> weights, biases;
+  std::vector<at::Tensor> context;    // per hidden layer [B, out] with columns sorted, or undefined
+};
+
+MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList biases,
+                   at::IntArrayRef degrees, at::TensorList context_terms, bool residual,
+                   c10::string_view activation, c10::string_view transformer, double tail_bound,
+                   double min_bin_width, double min_bin_height, double min_derivative,
+                   bool transpose);
+
+}  // namespace nflux

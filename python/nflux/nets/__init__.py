@@ -1,0 +1,5 @@
+"""Conditioner networks for flows."""
+
+from nflux.nets.made import MADE
+
+__all__ = ["MADE"]

@@ -1,0 +1,160 @@
+"""One-pass inversion of a MADE-conditioned autoregressive transform (MAF, autoregressive NSF).
+
+Sampling such a flow is sequential: x_d needs the network's outputs for x_{<d}. The usual
+implementation runs the whole network D times. made_inverse computes every hidden unit once,
+in order of degree (see csrc/made_inverse.cpp), so sampling costs about one network pass.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from nflux import _extension
+from nflux.ops import reference
+from nflux.ops._checks import check_made_inverse_args, check_rq_spline_args
+
+_NATIVE_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64),
+}
+
+
+def _native(tensor: torch.Tensor) -> bool:
+    return _extension.has_kernel(tensor.device) and tensor.dtype in _NATIVE_DTYPES.get(
+        tensor.device.type, ()
+    )
+
+
+def made_inverse(
+    y: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    degrees: Sequence[int],
+    context_terms: Sequence[torch.Tensor] = (),
+    *,
+    residual: bool = False,
+    activation: str = "relu",
+    transformer: str = "affine",
+    tail_bound: float = 3.0,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverts y = T(x; MADE(x)) for x, in one pass over the network.
+
+    The network (see `nflux.nets.MADE`, whose `inverse_autoregressive` calls this):
+        plain:    h = act(L_i(h) + c_i) for every hidden layer i, then params = L_out(h);
+        residual: h = L_0(x) + c_0, then per block h = h + L_b2(act(L_b1(act(h)) + c_b1)) + c_b2,
+                  then params = L_out(h).
+    L_i(h) = h W_i^T + b_i with W_i masked by the degrees (the stored weights may be unmasked:
+    the op reads only the admitted entries). params has shape [B, D, P], output row i*P + p.
+
+    Args:
+        y: `[B, D]`.
+        weights, biases: `[out, in]` and `[out]` per layer, the output layer last
+            (D * P rows).
+        degrees: D input degrees (a permutation of 1..D: input i is generated at step
+            degrees[i]), then the degree of every hidden unit, layer after layer. A hidden unit
+            of degree k sees inputs of degree <= k.
+        context_terms: empty, or per hidden layer the context's contribution `[B, out]`.
+        transformer: "affine": params (shift, log_scale), y = x * exp(log_scale) + shift;
+            "rq_spline": params (widths K, heights K, derivatives K-1), see `rq_spline`.
+
+    Returns:
+        `(x, logabsdet)`: x `[B, D]` and log|det dx/dy| `[B]`. Differentiable in y, the
+        weights, biases and context terms.
+    """
+    P = check_made_inverse_args(
+        y, weights, biases, degrees, context_terms, residual, activation, transformer
+    )
+    if transformer == "rq_spline":
+        K = (P + 1) // 3
+        B = y.shape[0]
+        check_rq_spline_args(
+            y[:, 0], y.new_empty(B, K), y.new_empty(B, K), y.new_empty(B, K - 1),
+            tail_bound, min_bin_width, min_bin_height, min_derivative,
+        )
+    args = (
+        y, list(weights), list(biases), [int(k) for k in degrees], list(context_terms),
+        bool(residual), str(activation), str(transformer), float(tail_bound),
+        float(min_bin_width), float(min_bin_height), float(min_derivative),
+    )
+    if _native(y):
+        return torch.ops.nflux.made_inverse(*args)
+    _extension.warn_fallback("made_inverse", y.device)
+    return reference.made_inverse(*args)
+
+
+def _setup_context(ctx, inputs, output):
+    y, weights, biases, degrees, context_terms, *options = inputs
+    ctx.save_for_backward(y, *weights, *biases, *context_terms)
+    ctx.sizes = (len(weights), len(context_terms))
+    ctx.degrees = degrees
+    ctx.options = options
+
+
+def _backward(ctx, grad_x, grad_logabsdet):
+    # The native op keeps no graph; its gradient is that of the same function written in
+    # differentiable torch (one-pass order), recomputed here from the saved inputs.
+    n, c = ctx.sizes
+    saved = ctx.saved_tensors
+    leaves = [t.detach().requires_grad_(True) for t in saved]
+    y, weights, biases, context_terms = leaves[0], leaves[1 : 1 + n], leaves[1 + n : 1 + 2 * n], leaves[1 + 2 * n :]
+    with torch.enable_grad():
+        x, logabsdet = reference.made_inverse(y, weights, biases, ctx.degrees, context_terms, *ctx.options)
+        grads = torch.autograd.grad(
+            (x, logabsdet), leaves, (grad_x, grad_logabsdet), allow_unused=True
+        )
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+    g_y, g_w, g_b, g_c = grads[0], grads[1 : 1 + n], grads[1 + n : 1 + 2 * n], grads[1 + 2 * n :]
+    return (g_y, list(g_w), list(g_b), None, list(g_c), *([None] * len(ctx.options)))
+
+
+def _fake(y, weights, biases, degrees, context_terms, *options):
+    return torch.empty_like(y), y.new_empty(y.shape[0])
+
+
+if _extension.loaded:
+    torch.library.register_fake("nflux::made_inverse")(_fake)
+    torch.library.register_autograd("nflux::made_inverse", _backward, setup_context=_setup_context)
+
+
+def autoregressive_transformer(
+    inputs: torch.Tensor,
+    params: torch.Tensor,
+    transformer: str = "affine",
+    *,
+    inverse: bool = False,
+    tail_bound: float = 3.0,
+    min_bin_width: float = 1e-3,
+    min_bin_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elementwise transformer of an autoregressive flow, on native ops.
+
+    Args:
+        inputs: `[B, D]`; params: `[B, D, P]` (from `MADE`).
+        transformer: "affine": params (shift, log_scale), y = x * exp(log_scale) + shift;
+            "rq_spline": params (widths K, heights K, derivatives K-1), see `rq_spline`.
+
+    Returns:
+        `(outputs, logabsdet)` with logabsdet summed over features, `[B]`.
+    """
+    if transformer == "affine":
+        shift, log_scale = params[..., 0], params[..., 1]
+        if inverse:
+            return (inputs - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
+        return torch.addcmul(shift, inputs, torch.exp(log_scale)), log_scale.sum(-1)
+    if transformer != "rq_spline":
+        raise ValueError(f"nflux: transformer must be 'affine' or 'rq_spline', got {transformer!r}")
+    from nflux.ops.rq_spline import rq_spline
+
+    K = (params.shape[-1] + 1) // 3
+    out, lad = rq_spline(
+        inputs, params[..., :K], params[..., K : 2 * K], params[..., 2 * K :], inverse=inverse,
+        tail_bound=tail_bound, min_bin_width=min_bin_width, min_bin_height=min_bin_height,
+        min_derivative=min_derivative,
+    )
+    return out, lad.sum(-1)

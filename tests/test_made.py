@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from nflux.nets import MADE
+from nflux.nets.made import input_degrees
+
+ORDERINGS = ["natural", "reversed", "random", [2, 0, 3, 1, 4]]
+
+
+def _randomize(made, scale=0.5, seed=0):
+    """Weights away from init, so a zero in the Jacobian can only come from a mask."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in made.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return made
+
+
+def _jacobian(made, x, context=None):
+    # params [D, P] of one sample as a function of its inputs [D] -> [D, P, D]
+    return torch.autograd.functional.jacobian(lambda v: made(v[None], context)[0], x)
+
+
+@pytest.mark.parametrize("ordering", ORDERINGS, ids=str)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("context", [False, True])
+def test_autoregressive_property(ordering, residual, context):
+    D, P = 5, 3
+    made = MADE(D, P, (12, 12), ordering=ordering, seed=3, residual=residual,
+                context_features=2 if context else None, activation="tanh").double()
+    _randomize(made)
+    ctx = torch.randn(1, 2, dtype=torch.float64) if context else None
+    deg = torch.tensor(input_degrees(D, ordering, seed=3))
+    allowed = deg[None, :] < deg[:, None]  # [out feature i, input j]: j generated before i
+    for seed in range(2):
+        x = torch.randn(D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        J = _jacobian(made, x, ctx).abs().sum(1)  # [D, D]
+        assert torch.all(J[~allowed] == 0)
+        assert torch.all(J[allowed] > 0), J  # every admitted dependency is present
+    assert torch.all(J.diagonal() == 0)
+
+
+def test_ordering_degrees():
+    assert input_degrees(4, "natural") == [1, 2, 3, 4]
+    assert input_degrees(4, "reversed") == [4, 3, 2, 1]
+    assert sorted(input_degrees(6, "random", seed=1)) == list(range(1, 7))
+    assert input_degrees(6, "random", seed=1) == input_degrees(6, "random", seed=1)
+    assert input_degrees(3, [2, 0, 1]) == [2, 3, 1]
+
+
+@pytest.mark.parametrize("activation", ["relu", "elu", "tanh", "gelu"])
+def test_shapes_and_activations(activation):
+    made = MADE(4, 5, (8, 6), activation=activation)
+    assert made(torch.randn(7, 4)).shape == (7, 4, 5)
+
+
+def test_context_changes_output_and_broadcasts():
+    made = _randomize(MADE(3, 2, (8,), context_features=2).double())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    c1, c2 = torch.randn(1, 2, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+    assert not torch.allclose(made(x, c1), made(x, c2))
+    torch.testing.assert_close(made(x, c1), made(x, c1.expand(4, 2)))
+
+
+def test_masked_gradients_stay_zero():
+    made = MADE(4, 2, (8, 8))
+    made(torch.randn(3, 4)).sum().backward()
+    for w, m in zip(made.weights, made.masks()):
+        assert torch.all(w.grad[m == 0] == 0)
+
+
+def test_single_feature():
+    made = MADE(1, 2, (4,))
+    x = torch.randn(3, 1)
+    out = made(x)
+    torch.testing.assert_close(out, made(torch.randn(3, 1)))  # depends on nothing
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="equal hidden widths"):
+        MADE(3, 2, (8, 6), residual=True)
+    with pytest.raises(ValueError, match="activation"):
+        MADE(3, 2, (8,), activation="swish")
+    with pytest.raises(ValueError, match="ordering"):
+        MADE(3, 2, (8,), ordering=[0, 0, 1])
+    with pytest.raises(ValueError, match="context"):
+        MADE(3, 2, (8,))(torch.randn(2, 3), torch.randn(2, 1))
+    with pytest.raises(ValueError, match="needs a context"):
+        MADE(3, 2, (8,), context_features=1)(torch.randn(2, 3))
