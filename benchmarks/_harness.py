@@ -44,6 +44,27 @@ def time_fn(fn: Callable[[], object], *, device: str = "cpu", repeat: int = 7, w
     return statistics.median(samples)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], *, device: str = "cpu", rounds: int = 7,
+                     warmup: int = 1) -> dict[str, float]:
+    """Seconds per call of each fn: the best of `rounds`, the fns taking turns in every round.
+
+    On a shared machine the load drifts over a run; interleaving exposes every fn to the same
+    drift, and the best round is the one least disturbed, so ratios stay meaningful.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,6 +1,6 @@
 """rq_spline: nflux vs the pure-torch reference vs nflows and zuko (when installed).
 
-Prints time and elements/s of forward, forward+backward and inverse at N = 2^20 elements,
+Prints time (best of interleaved rounds) and elements/s of forward, forward+backward and inverse at N = 2^20 elements,
 K = 8 bins, tail bound 3, the ratios to nflux, the peak memory of forward+backward, and the
 time of copying the same bytes (inputs + parameters + outputs): the physical floor.
 
@@ -65,6 +65,11 @@ def implementations():
     return impls
 
 
+def _no_grad(impl, *args):
+    with torch.no_grad():
+        return impl(*args)
+
+
 def fwd_bwd(impl, tensors):
     y, lad = impl(*tensors, False)
     (y.sum() + lad.sum()).backward()
@@ -83,6 +88,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2**20)
     parser.add_argument("--bins", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds; each case's best is kept")
     parser.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     n, K, device = args.n, args.bins, args.device
@@ -97,22 +103,20 @@ def main() -> None:
     grad_inputs = make_inputs(n, K, device, requires_grad=True)
     y_for_inverse = nflux.ops.rq_spline(*plain, tail_bound=TAIL)[0]
 
-    times = {}
-    with torch.no_grad():
-        for name, impl in impls.items():
-            times[(name, "forward")] = H.time_fn(lambda: impl(*plain, False), device=device)
-            times[(name, "inverse")] = H.time_fn(
-                lambda: impl(y_for_inverse, *plain[1:], True), device=device
-            )
+    cases = {}
     for name, impl in impls.items():
-        times[(name, "forward+backward")] = H.time_fn(lambda: fwd_bwd(impl, grad_inputs), device=device)
+        cases[(name, "forward")] = lambda impl=impl: _no_grad(impl, *plain, False)
+        cases[(name, "inverse")] = lambda impl=impl: _no_grad(impl, y_for_inverse, *plain[1:], True)
+        cases[(name, "forward+backward")] = lambda impl=impl: fwd_bwd(impl, grad_inputs)
+    times = H.time_interleaved(cases, device=device, rounds=args.rounds)
 
     # The floor: one copy of every byte the forward pass must read and write.
     elem = plain[0].element_size()
     total = n * (1 + 3 * K - 1 + 2) * elem
     src = torch.empty(total // elem, device=device)
     dst = torch.empty_like(src)
-    copy_time = H.time_fn(lambda: dst.copy_(src), device=device)
+    copy_time = H.time_interleaved({"copy": lambda: dst.copy_(src)}, device=device,
+                                   rounds=args.rounds)["copy"]
 
     rows = []
     for name in impls:
