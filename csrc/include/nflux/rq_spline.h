@@ -46,7 +46,7 @@ NFLUX_HOST_DEVICE void softmax_knots(const in_t* NFLUX_RESTRICT logits, int64_t 
   NFLUX_LANES for (int l = 0; l < L; ++l) scale[l] = 0;
   for (int64_t k = 0; k < K; ++k) {
     NFLUX_LANES for (int l = 0; l < L; ++l) {
-      const acc_t e = math_exp(static_cast<acc_t>(logits[k * L + l]) - top[l]);
+      const acc_t e = math_exp_nonpositive(static_cast<acc_t>(logits[k * L + l]) - top[l]);
       knots[(k + 1) * L + l] = e;  // the exponentials wait in the knot slots until normalised
       scale[l] += e;
     }
