@@ -81,8 +81,9 @@ def _need(path: Path) -> Path:
 
 
 def _npy(path: Path) -> np.ndarray:
+    _need(path)  # outside the try: DatasetNotFoundError is a ValueError too
     try:
-        x = np.load(_need(path), allow_pickle=False)
+        x = np.load(path, allow_pickle=False)
     except ValueError as e:
         raise DatasetError(f"{path}: not a numeric .npy array ({e})") from None
     if x.ndim != 2:
@@ -149,8 +150,9 @@ def _gas(root: Path):
 
 
 def _read_csv_with_header(path: Path) -> np.ndarray:
+    _need(path)
     try:
-        return np.loadtxt(_need(path), delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+        return np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
     except ValueError as e:
         raise DatasetError(f"{path}: cannot parse as a numeric CSV with one header row ({e})") from None
 
