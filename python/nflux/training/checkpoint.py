@@ -337,7 +337,7 @@ def _check_optimizer(saved: dict[str, Any], optimizer: torch.optim.Optimizer) ->
         raise CheckpointError("checkpoint optimizer state is malformed (no state / param_groups)")
     if len(groups) != len(optimizer.param_groups):
         raise CheckpointError(
-            f"checkpoint optimizer has {len(groups)} parameter groups, this optimizer has {len(optimizer.param_groups)}"
+            f"checkpoint optimizer has {len(groups)} parameter group(s), this optimizer has {len(optimizer.param_groups)}"
         )
     for i, (g, mine) in enumerate(zip(groups, optimizer.param_groups)):
         if len(g.get("params", [])) != len(mine["params"]):
