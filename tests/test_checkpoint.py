@@ -236,15 +236,42 @@ SCRIPT = textwrap.dedent(
 )
 
 TOTAL = 20
-# (fault point, how to die, saves into the run, whether the pair being written survives)
+# Real kills (subprocess): (fault point, how to die, saves into the run, whether the pair
+# being written survives). The in-process test below covers every fault point.
 KILLS = [
     ("weights:partial", "sigkill", 1, False),
-    ("between", "exit", 1, False),
     ("json:partial", "sigkill", 1, False),
     ("after_json", "exit", 1, True),
-    ("latest:partial", "exit", 1, True),
     ("prune:json", "sigkill", 3, True),  # third save of the run is the first that prunes
 ]
+# Every fault point of a save, in order; the pair survives from "after_json" on.
+POINTS = ["weights:partial", "weights:before_replace", "between", "json:partial", "json:before_replace",
+          "after_json", "latest:partial", "latest:before_replace", "prune:json", "prune:safetensors"]
+
+
+class _Killed(BaseException):
+    """Stands in for death at a fault point: nothing after it in the save runs."""
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_save_interrupted_at_each_point_leaves_a_loadable_checkpoint(tmp_path, monkeypatch, point):
+    model = _save_steps(tmp_path, [2, 4], keep=2)
+
+    def die(name):
+        if name == point:
+            raise _Killed(name)
+
+    monkeypatch.setattr(ck, "_fault_point", die)
+    with pytest.raises(_Killed):
+        save_checkpoint(tmp_path, 6, model, None, capture_rng_state(), {"s": 6}, keep=2)
+    monkeypatch.undo()
+    c = load_latest(tmp_path)
+    assert c.step == (6 if POINTS.index(point) >= POINTS.index("after_json") else 4)
+    assert c.skipped == []
+    restore(c, torch.nn.Linear(3, 2), rng=True)
+    save_checkpoint(tmp_path, 6, model, None, capture_rng_state(), {"s": 6}, keep=2)  # the retry cleans up
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-00000004.json", "step-00000004.safetensors",
+                                            "step-00000006.json", "step-00000006.safetensors"]
 
 
 def _run(script, d, out, point="-", kill_step=-1, how="exit"):
