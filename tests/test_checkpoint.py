@@ -326,6 +326,26 @@ def test_rng_capture_restore():
         restore_rng_state(state, {"other": torch.Generator()})
 
 
+@pytest.mark.cuda
+def test_rng_and_checkpoint_cuda(tmp_path):
+    torch.rand(1, device="cuda")  # initialise CUDA so its generators are captured
+    state = capture_rng_state()
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    a = torch.rand(4, device="cuda")
+    restore_rng_state(state)
+    assert torch.equal(torch.rand(4, device="cuda"), a)
+    model = torch.nn.Linear(3, 2).cuda()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(5, 3, device="cuda")).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, 1, model, opt, capture_rng_state(), {})
+    other = torch.nn.Linear(3, 2).cuda()
+    other_opt = torch.optim.Adam(other.parameters())
+    restore(load_latest(tmp_path), other, other_opt)
+    assert torch.equal(other.weight, model.weight)
+    assert other_opt.state_dict()["state"][0]["exp_avg"].device.type == "cuda"
+
+
 def test_nonfinite_guard():
     guard = NonFiniteGuard(max_consecutive=3)
     nan, inf, ok = torch.tensor(float("nan")), torch.tensor(float("inf")), torch.tensor(1.0)

@@ -7,6 +7,7 @@ import json
 import math
 import socket
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -375,3 +376,63 @@ def test_standardizer_floor_and_errors():
         data.Standardizer.fit(torch.tensor([[1.0], [float("nan")]]))
     with pytest.raises(ValueError, match="Standardizer record"):
         data.Standardizer.from_json({"mean": [0.0]})
+
+
+# --- optional readers (run where pandas / h5py are installed) ---------------------------
+
+
+def test_uci_gas_pickle_with_pandas_matches_reference(tmp_path):
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(150, 8))
+    sensors = np.hstack([base, base[:, :4] * 2 + 1e-3 * rng.normal(size=(150, 4)), rng.normal(size=(150, 4))])
+    frame = pd.DataFrame(sensors, columns=[f"S{i}" for i in range(16)])
+    frame.insert(0, "Eth", 1.0)
+    frame.insert(0, "Meth", 2.0)
+    frame.insert(0, "Time", np.arange(150.0))
+    (tmp_path / "gas").mkdir()
+    frame.to_pickle(tmp_path / "gas" / "ethylene_CO.pickle")
+    s = data.load("gas", root=tmp_path, dtype=torch.float64)
+
+    # A transcription of gpapamak/maf datasets/gas.py.
+    ref = frame.drop(columns=["Meth", "Eth", "Time"])
+    b = (ref.corr() > 0.98).values.sum(axis=1)
+    while np.any(b > 1):
+        ref = ref.drop(columns=ref.columns[np.where(b > 1)[0][0]])
+        b = (ref.corr() > 0.98).values.sum(axis=1)
+    ref = ((ref - ref.mean()) / ref.std()).values
+    assert s.shape == (ref.shape[1],) == (12,)
+    np.testing.assert_allclose(torch.cat([s.train, s.val, s.test]).numpy(), ref, atol=1e-12)
+
+
+def test_uci_hepmass_matches_pandas_reference(tmp_path):
+    pd = pytest.importorskip("pandas")
+    test_uci_hepmass(tmp_path)  # writes the fake files
+    path = tmp_path / "hepmass"
+    # A transcription of gpapamak/maf datasets/hepmass.py.
+    tr = pd.read_csv(path / "1000_train.csv", index_col=False)
+    te = pd.read_csv(path / "1000_test.csv", index_col=False)
+    tr = tr[tr[tr.columns[0]] == 1].drop(columns=tr.columns[0])
+    te = te[te[te.columns[0]] == 1].drop(columns=te.columns[0])
+    te = te.drop(columns=te.columns[-1])
+    mu, sd = tr.mean(), tr.std()
+    tr, te = ((tr - mu) / sd).values, ((te - mu) / sd).values
+    drop = [j for j, col in enumerate(tr.T) if sorted(Counter(col).items())[0][1] > 5]
+    keep = [j for j in range(tr.shape[1]) if j not in drop]
+    tr, te = tr[:, keep], te[:, keep]
+    n_val = int(0.1 * tr.shape[0])
+    s = data.load("hepmass", root=tmp_path, dtype=torch.float64)
+    for got, want in zip((s.train, s.val, s.test), (tr[:-n_val], tr[-n_val:], te)):
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
+
+
+def test_uci_bsds300_hdf5(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    (tmp_path / "BSDS300").mkdir()
+    arrays = {k: np.random.default_rng(n).normal(size=(n, 63)) for k, n in (("train", 20), ("validation", 4), ("test", 6))}
+    with h5py.File(tmp_path / "BSDS300" / "BSDS300.hdf5", "w") as f:
+        for k, a in arrays.items():
+            f[k] = a
+    s = data.load("bsds300", root=tmp_path, dtype=torch.float64)
+    for got, k in zip((s.train, s.val, s.test), arrays):
+        np.testing.assert_array_equal(got.numpy(), arrays[k])
