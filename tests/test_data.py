@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import nflux.data as data
+from nflux import data
 from nflux.data import toys
 from nflux.data.errors import DatasetError, DatasetNotFoundError, MissingDependencyError
 
@@ -130,7 +130,9 @@ def test_digits_offline(monkeypatch):
     assert allx.sum().item() == pytest.approx(float(load_digits().images.sum()))
 
 
-@pytest.mark.parametrize("name,n,d", [("iris", 150, 4), ("wine", 178, 13), ("breast_cancer", 569, 30), ("diabetes", 442, 10)])
+@pytest.mark.parametrize(
+    "name,n,d", [("iris", 150, 4), ("wine", 178, 13), ("breast_cancer", 569, 30), ("diabetes", 442, 10)]
+)
 def test_sklearn_tabular_offline(monkeypatch, name, n, d):
     _offline(monkeypatch)
     s = data.load(name)
@@ -417,7 +419,7 @@ def test_uci_hepmass_matches_pandas_reference(tmp_path):
     te = te.drop(columns=te.columns[-1])
     mu, sd = tr.mean(), tr.std()
     tr, te = ((tr - mu) / sd).values, ((te - mu) / sd).values
-    drop = [j for j, col in enumerate(tr.T) if sorted(Counter(col).items())[0][1] > 5]
+    drop = [j for j, col in enumerate(tr.T) if min(Counter(col).items())[1] > 5]
     keep = [j for j in range(tr.shape[1]) if j not in drop]
     tr, te = tr[:, keep], te[:, keep]
     n_val = int(0.1 * tr.shape[0])
@@ -429,7 +431,8 @@ def test_uci_hepmass_matches_pandas_reference(tmp_path):
 def test_uci_bsds300_hdf5(tmp_path):
     h5py = pytest.importorskip("h5py")
     (tmp_path / "BSDS300").mkdir()
-    arrays = {k: np.random.default_rng(n).normal(size=(n, 63)) for k, n in (("train", 20), ("validation", 4), ("test", 6))}
+    sizes = (("train", 20), ("validation", 4), ("test", 6))
+    arrays = {k: np.random.default_rng(n).normal(size=(n, 63)) for k, n in sizes}
     with h5py.File(tmp_path / "BSDS300" / "BSDS300.hdf5", "w") as f:
         for k, a in arrays.items():
             f[k] = a

@@ -16,12 +16,12 @@ from nflux.data.errors import DatasetError, DatasetNotFoundError, MissingDepende
 from nflux.data.standardize import Standardizer
 
 __all__ = [
+    "TOY_SIZES",
     "DatasetError",
     "DatasetNotFoundError",
     "MissingDependencyError",
     "Splits",
     "Standardizer",
-    "TOY_SIZES",
     "available",
     "load",
     "split_random",

@@ -34,8 +34,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from torch import Tensor
 from nflux.data import files, toys, uci
 from nflux.data.errors import DatasetError, MissingDependencyError
 
-__all__ = ["Splits", "TOY_SIZES", "available", "load", "split_random"]
+__all__ = ["TOY_SIZES", "Splits", "available", "load", "split_random"]
 
 TOY_SIZES = {"train": 50_000, "val": 5_000, "test": 10_000}
 KINDS = ("toy", "tabular", "image")
@@ -147,9 +148,9 @@ def _sklearn_tabular(loader: str, **kwargs) -> Callable[[int, Any], Splits]:
 
 def _uci(name: str) -> Callable[..., Splits]:
     def load_set(seed: int, dtype, root) -> Splits:
-        tr, va, te, meta = uci.load(name, root)
-        to = lambda a: torch.as_tensor(np.ascontiguousarray(a)).to(dtype)  # noqa: E731
-        tr, va, te = to(tr), to(va), to(te)
+        arrays = uci.load(name, root)
+        tr, va, te = (torch.as_tensor(np.ascontiguousarray(a)).to(dtype) for a in arrays[:3])
+        meta = arrays[3]
         meta = {"name": name, "sizes": {"train": len(tr), "val": len(va), "test": len(te)}, **meta}
         return Splits(tr, va, te, "tabular", tuple(tr.shape[1:]), meta)
 

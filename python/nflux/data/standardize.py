@@ -40,7 +40,7 @@ class Standardizer:
         self.min_std = float(min_std)
 
     @classmethod
-    def fit(cls, x: Tensor, min_std: float = 1e-6) -> "Standardizer":
+    def fit(cls, x: Tensor, min_std: float = 1e-6) -> Standardizer:
         """Mean and (population, ddof=0) std over dim 0 of `x` ([N, *feature_shape]), N >= 1."""
         if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 1:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -83,7 +83,7 @@ class Standardizer:
         return {"mean": self.mean.tolist(), "std": self.std.tolist(), "min_std": self.min_std}
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any] | str) -> "Standardizer":
+    def from_json(cls, obj: dict[str, Any] | str) -> Standardizer:
         """Inverse of `to_json`; also accepts the dict serialised as a JSON string."""
         if isinstance(obj, str):
             obj = json.loads(obj)

@@ -15,7 +15,7 @@ Where the density has a closed form it is exposed as `log_prob(x) -> Tensor[n]`
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -14,8 +14,8 @@ Each set gets exactly the preprocessing and splits of the reference code
 (github.com/gpapamak/maf, datasets/*.py), re-implemented on numpy:
 
 - power (8 columns in data.npy): shuffle rows, drop columns 3 and 1, add the reference's
-  uniform jitter (shuffle and jitter from `RandomState(42)`), split off the last 10% as test and the last 10% of the rest as
-  val, standardise with the mean/std (ddof 0) of train+val. 6 features.
+  uniform jitter (shuffle and jitter from `RandomState(42)`), split off the last 10% as
+  test and the last 10% of the rest as val, standardise with the mean/std (ddof 0) of train+val. 6 features.
 - gas: drop Meth, Eth, Time; repeatedly drop the first column that has a correlation > 0.98
   with another; standardise (ddof 1) on all rows; same tail splits. 8 features.
 - hepmass: keep rows of class 1, drop the label (and the test file's extra last column);
@@ -70,7 +70,11 @@ def load(name: str, root: str | os.PathLike | None) -> Arrays:
         )
     root = Path(root).expanduser()
     train, val, test = _LOADERS[name](root)
-    meta = {"source": str(root), "preprocessing": f"MAF (Papamakarios et al. 2017), {name}", "standardized": name != "bsds300"}
+    meta = {
+        "source": str(root),
+        "preprocessing": f"MAF (Papamakarios et al. 2017), {name}",
+        "standardized": name != "bsds300",
+    }
     return train, val, test, meta
 
 

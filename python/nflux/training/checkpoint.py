@@ -273,7 +273,7 @@ def _read(json_path: Path, step: int) -> Checkpoint:
         raise _Corrupt("weights file sha256 does not match the record")
     try:
         tensors = st_load(data)
-    except Exception as e:  # safetensors raises its own error types
+    except Exception as e:  # noqa: BLE001 -- any failure to parse means a corrupt file
         raise _Corrupt(f"unreadable safetensors ({e})") from None
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     optim_state = None if optimizer is None else _decode(optimizer, tensors)
@@ -332,29 +332,31 @@ def _check_model(saved: dict[str, torch.Tensor], model: torch.nn.Module) -> None
 
 
 def _check_optimizer(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if not isinstance(groups, list) or not isinstance(saved.get("state"), dict):
+    ok = isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+    groups = saved.get("param_groups") if ok else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         raise CheckpointError("checkpoint optimizer state is malformed (no state / param_groups)")
-    if len(groups) != len(optimizer.param_groups):
-        raise CheckpointError(
-            f"checkpoint optimizer has {len(groups)} parameter group(s), this optimizer has {len(optimizer.param_groups)}"
-        )
+    n_mine = len(optimizer.param_groups)
+    if len(groups) != n_mine:
+        raise CheckpointError(f"checkpoint optimizer has {len(groups)} parameter group(s), this optimizer has {n_mine}")
     for i, (g, mine) in enumerate(zip(groups, optimizer.param_groups)):
         if len(g.get("params", [])) != len(mine["params"]):
             raise CheckpointError(
                 f"checkpoint optimizer group {i} has {len(g.get('params', []))} parameters, "
                 f"this optimizer's has {len(mine['params'])}"
             )
-    params = {pid: p for g, mine in zip(groups, optimizer.param_groups) for pid, p in zip(g["params"], mine["params"])}
+    params = {
+        pid: p for g, mine in zip(groups, optimizer.param_groups) for pid, p in zip(g["params"], mine["params"])
+    }
     for pid, st in saved["state"].items():
-        for name, v in st.items():
+        for name, v in (st.items() if isinstance(st, dict) else ()):
             # Per-element state (Adam's moments, momentum buffers) has the parameter's shape.
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and pid in params and v.dim() == params[pid].dim():
-                if v.shape != params[pid].shape:
-                    raise CheckpointError(
-                        f"checkpoint optimizer state {name!r} of parameter {pid} has shape {tuple(v.shape)}, "
-                        f"the parameter has {tuple(params[pid].shape)}"
-                    )
+            p = params.get(pid)
+            if isinstance(v, torch.Tensor) and p is not None and v.dim() == p.dim() > 0 and v.shape != p.shape:
+                raise CheckpointError(
+                    f"checkpoint optimizer state {name!r} of parameter {pid} has shape {tuple(v.shape)}, "
+                    f"the parameter has {tuple(p.shape)}"
+                )
 
 
 def restore(
