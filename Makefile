@@ -14,7 +14,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install -q "pybind11>=2.12" "scikit-build-core>=0.10" ninja "cmake>=3.18" numpy pytest
+	$(BIN)/pip install -q "pybind11>=2.12" "scikit-build-core>=0.10" ninja "cmake>=3.18" numpy pytest "safetensors>=0.4" "scikit-learn>=1.1"
 	$(BIN)/pip install -q --no-build-isolation -e .
 
 test: install cuda-check
