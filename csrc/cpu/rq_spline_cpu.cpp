@@ -17,25 +17,34 @@ namespace {
 // Elements per parallel task: enough that thread wake-up is amortised.
 constexpr int64_t kGrainSize = 4096;
 
-// AVX2+FMA loops when the CPU has them (NFLUX_CPU_ISA=generic forces the baseline loops).
-bool use_avx2() {
-#if defined(NFLUX_HAVE_AVX2)
-  static const bool avx2 = [] {
-    const char* isa = std::getenv("NFLUX_CPU_ISA");
-    if (isa != nullptr && std::string(isa) == "generic") return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return avx2;
-#else
-  return false;
+enum class Isa { generic, avx2, avx512 };
+
+// The widest SIMD copy of the loops this CPU runs; NFLUX_CPU_ISA=generic|avx2|avx512 caps it
+// (tests use that to cover every copy).
+Isa cpu_isa() {
+  static const Isa isa = [] {
+#if defined(NFLUX_HAVE_X86_SIMD)
+    const char* cap = std::getenv("NFLUX_CPU_ISA");
+    const std::string want = cap != nullptr ? cap : "avx512";
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl");
+    if (want == "avx512" && avx512) return Isa::avx512;
+    if ((want == "avx512" || want == "avx2") && avx2) return Isa::avx2;
 #endif
+    return Isa::generic;
+  }();
+  return isa;
 }
 
 template <typename scalar_t>
 void run_forward(const RqSplineCall<scalar_t>& call, int64_t n) {
+  const Isa isa = cpu_isa();
   at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
-#if defined(NFLUX_HAVE_AVX2)
-    if (use_avx2()) return avx2::rq_spline_forward_range(call, begin, end);
+#if defined(NFLUX_HAVE_X86_SIMD)
+    if (isa == Isa::avx512) return avx512::rq_spline_forward_range(call, begin, end);
+    if (isa == Isa::avx2) return avx2::rq_spline_forward_range(call, begin, end);
 #endif
     generic::rq_spline_forward_range(call, begin, end);
   });
@@ -43,9 +52,11 @@ void run_forward(const RqSplineCall<scalar_t>& call, int64_t n) {
 
 template <typename scalar_t>
 void run_backward(const RqSplineCall<scalar_t>& call, int64_t n) {
+  const Isa isa = cpu_isa();
   at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
-#if defined(NFLUX_HAVE_AVX2)
-    if (use_avx2()) return avx2::rq_spline_backward_range(call, begin, end);
+#if defined(NFLUX_HAVE_X86_SIMD)
+    if (isa == Isa::avx512) return avx512::rq_spline_backward_range(call, begin, end);
+    if (isa == Isa::avx2) return avx2::rq_spline_backward_range(call, begin, end);
 #endif
     generic::rq_spline_backward_range(call, begin, end);
   });

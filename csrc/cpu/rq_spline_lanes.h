@@ -31,8 +31,9 @@ struct RqSplineCall {
   }
 
 NFLUX_DECLARE_RQ_SPLINE_LANES(generic)
-#if defined(NFLUX_HAVE_AVX2)
+#if defined(NFLUX_HAVE_X86_SIMD)
 NFLUX_DECLARE_RQ_SPLINE_LANES(avx2)
+NFLUX_DECLARE_RQ_SPLINE_LANES(avx512)
 #endif
 
 }  // namespace nflux
