@@ -830,6 +830,8 @@ for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
         yr, lr = reference.rq_spline(*rs, inverse=inverse)
         (yr.sum() + lr.sum()).backward()
         for a, b in zip([y, l] + [t.grad for t in ts], [yr, lr] + [t.grad for t in rs]):
+            if b.numel() == 0:
+                continue
             err = ((a.double() - b).abs() / (1 + b.abs())).max().item()
             assert err < tol * (1 if dtype == torch.float64 else 50), (dtype, K, inverse, err)
 print("ok")
