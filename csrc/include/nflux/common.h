@@ -13,7 +13,7 @@
 
 // Placed before each loop over SIMD lanes: GCC would otherwise unroll the short constant-trip
 // loop completely and then fail to vectorise the unrolled statements.
-#if defined(__CUDA_ARCH__) || !defined(__GNUC__) || defined(__clang__)
+#if defined(__CUDACC__) || !defined(__GNUC__) || defined(__clang__)
 #define NFLUX_LANES
 #else
 #define NFLUX_LANES _Pragma("GCC unroll 1") _Pragma("GCC ivdep")

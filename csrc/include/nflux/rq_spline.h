@@ -252,10 +252,10 @@ NFLUX_HOST_DEVICE acc_t bin_theta(const Bin<acc_t>& bin, acc_t v, bool inverse) 
 // Forward (x -> y, log dy/dx) or inverse (y -> x, log dx/dy) of L elements. Every branch is
 // evaluated on a clamped input and then selected, so tails never produce NaN; a NaN input
 // gives NaN in both outputs. scratch: forward_scratch(K) * L slots.
-template <int L, typename acc_t, typename in_t>
-NFLUX_HOST_DEVICE void evaluate(const acc_t* v, const in_t* uw, const in_t* uh, const in_t* ud,
-                                int64_t K, bool inverse, const Options<acc_t>& opt,
-                                acc_t* scratch, acc_t* out, acc_t* logabsdet) {
+template <int L, bool inverse, typename acc_t, typename in_t>
+NFLUX_HOST_DEVICE void evaluate_direction(const acc_t* v, const in_t* uw, const in_t* uh,
+                                          const in_t* ud, int64_t K, const Options<acc_t>& opt,
+                                          acc_t* scratch, acc_t* out, acc_t* logabsdet) {
   const acc_t B = opt.tail_bound;
   acc_t* wknots = scratch;
   acc_t* hknots = scratch + (K + 1) * L;
@@ -277,6 +277,17 @@ NFLUX_HOST_DEVICE void evaluate(const acc_t* v, const in_t* uw, const in_t* uh, 
     out[l] = in ? value : v[l];
     logabsdet[l] = in ? (inverse ? -lad : lad) : (is_nan(v[l]) ? v[l] : acc_t(0));
   }
+}
+
+// The direction is a template argument inside, so neither direction's loops carry the other's.
+template <int L, typename acc_t, typename in_t>
+NFLUX_HOST_DEVICE void evaluate(const acc_t* v, const in_t* uw, const in_t* uh, const in_t* ud,
+                                int64_t K, bool inverse, const Options<acc_t>& opt,
+                                acc_t* scratch, acc_t* out, acc_t* logabsdet) {
+  if (inverse)
+    evaluate_direction<L, true>(v, uw, uh, ud, K, opt, scratch, out, logabsdet);
+  else
+    evaluate_direction<L, false>(v, uw, uh, ud, K, opt, scratch, out, logabsdet);
 }
 
 // Spreads gradients on knot b (g_left) and knot b+1 (g_right) of each lane's softmax_knots
@@ -308,12 +319,13 @@ NFLUX_HOST_DEVICE void knots_vjp(const acc_t* probs, int64_t K, const int32_t* b
 // Backward of evaluate for L elements: given dL/dout and dL/dlogabsdet, the gradients with
 // respect to the input and the three logit tensors (all K, K, K-1 entries per lane written).
 // scratch: backward_scratch(K) * L slots.
-template <int L, typename acc_t, typename in_t, typename out_t>
-NFLUX_HOST_DEVICE void evaluate_backward(const acc_t* v, const in_t* uw, const in_t* uh,
-                                         const in_t* ud, int64_t K, bool inverse,
-                                         const Options<acc_t>& opt, const acc_t* g_out,
-                                         const acc_t* g_lad, acc_t* scratch, acc_t* g_v,
-                                         out_t* g_uw, out_t* g_uh, out_t* g_ud) {
+template <int L, bool inverse, typename acc_t, typename in_t, typename out_t>
+NFLUX_HOST_DEVICE void evaluate_backward_direction(const acc_t* v, const in_t* uw,
+                                                   const in_t* uh, const in_t* ud, int64_t K,
+                                                   const Options<acc_t>& opt, const acc_t* g_out,
+                                                   const acc_t* g_lad, acc_t* scratch,
+                                                   acc_t* g_v, out_t* g_uw, out_t* g_uh,
+                                                   out_t* g_ud) {
   const acc_t B = opt.tail_bound;
   const acc_t range = acc_t(2) * B;
   acc_t* wknots = scratch;
@@ -363,6 +375,20 @@ NFLUX_HOST_DEVICE void evaluate_backward(const acc_t* v, const in_t* uw, const i
       g_ud[k * L + l] = static_cast<out_t>(k + 1 == b ? g_d0[l] : (k == b ? g_d1[l] : acc_t(0)));
     }
   }
+}
+
+template <int L, typename acc_t, typename in_t, typename out_t>
+NFLUX_HOST_DEVICE void evaluate_backward(const acc_t* v, const in_t* uw, const in_t* uh,
+                                         const in_t* ud, int64_t K, bool inverse,
+                                         const Options<acc_t>& opt, const acc_t* g_out,
+                                         const acc_t* g_lad, acc_t* scratch, acc_t* g_v,
+                                         out_t* g_uw, out_t* g_uh, out_t* g_ud) {
+  if (inverse)
+    evaluate_backward_direction<L, true>(v, uw, uh, ud, K, opt, g_out, g_lad, scratch, g_v, g_uw,
+                                         g_uh, g_ud);
+  else
+    evaluate_backward_direction<L, false>(v, uw, uh, ud, K, opt, g_out, g_lad, scratch, g_v,
+                                          g_uw, g_uh, g_ud);
 }
 
 // One element (a CUDA thread): the L = 1 case with scalar arguments.
