@@ -32,12 +32,25 @@ _warned = False
 
 
 def has_kernel(device: torch.device) -> bool:
-    """Whether nflux has a native kernel for tensors on `device`."""
+    """Whether nflux has native kernels for tensors on `device`."""
     if device.type == "cpu":
         return cpu_kernels
     if device.type == "cuda":
         return cuda_kernels
     return False
+
+
+# Dtypes the native kernels take, by device type (CPU: float32/float64; CUDA adds half types).
+NATIVE_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
+
+def native(tensor: torch.Tensor, dtypes: dict | None = None) -> bool:
+    """Whether an op on `tensor` runs a native kernel (else it falls back to the reference)."""
+    allowed = (dtypes or NATIVE_DTYPES).get(tensor.device.type, ())
+    return has_kernel(tensor.device) and tensor.dtype in allowed
 
 
 def warn_fallback(op: str, device: torch.device) -> None:

@@ -8,18 +8,6 @@ from nflux import _extension
 from nflux.ops import reference
 from nflux.ops._checks import check_affine_coupling_args
 
-_NATIVE_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
-
-
-def _native(tensor: torch.Tensor) -> bool:
-    return _extension.has_kernel(tensor.device) and tensor.dtype in _NATIVE_DTYPES.get(
-        tensor.device.type, ()
-    )
-
-
 def affine_coupling(
     x: torch.Tensor,
     shift: torch.Tensor,
@@ -45,7 +33,7 @@ def affine_coupling(
         non-batch dimension (log|det dx/dy| for `inverse=True`).
     """
     kind = check_affine_coupling_args(x, shift, scale_logits, scale, clamp)
-    if _native(x):
+    if _extension.native(x):
         return torch.ops.nflux.affine_coupling(
             x, shift, scale_logits, kind, None if clamp is None else float(clamp), bool(inverse)
         )

@@ -15,16 +15,8 @@ from nflux import _extension
 from nflux.ops import reference
 from nflux.ops._checks import check_made_inverse_args, check_rq_spline_args
 
-_NATIVE_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float32, torch.float64),
-}
-
-
-def _native(tensor: torch.Tensor) -> bool:
-    return _extension.has_kernel(tensor.device) and tensor.dtype in _NATIVE_DTYPES.get(
-        tensor.device.type, ()
-    )
+# made_inverse runs natively in float32/float64 only; half types take the reference.
+_NATIVE_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
 
 
 def made_inverse(
@@ -81,7 +73,7 @@ def made_inverse(
         bool(residual), str(activation), str(transformer), float(tail_bound),
         float(min_bin_width), float(min_bin_height), float(min_derivative),
     )
-    if _native(y):
+    if _extension.native(y, _NATIVE_DTYPES):
         return torch.ops.nflux.made_inverse(*args)
     _extension.warn_fallback("made_inverse", y.device)
     return reference.made_inverse(*args)

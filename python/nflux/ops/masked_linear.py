@@ -8,18 +8,6 @@ from nflux import _extension
 from nflux.ops import reference
 from nflux.ops._checks import check_masked_linear_args
 
-_NATIVE_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
-
-
-def _native(tensor: torch.Tensor) -> bool:
-    return _extension.has_kernel(tensor.device) and tensor.dtype in _NATIVE_DTYPES.get(
-        tensor.device.type, ()
-    )
-
-
 def masked_linear(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -36,7 +24,7 @@ def masked_linear(
         it is 0 wherever `mask` is 0, so masked entries never move.
     """
     check_masked_linear_args(input, weight, bias, mask)
-    if _native(input):
+    if _extension.native(input):
         return torch.ops.nflux.masked_linear(input, weight, bias, mask)
     _extension.warn_fallback("masked_linear", input.device)
     return reference.masked_linear(input, weight, bias, mask)

@@ -9,18 +9,6 @@ from nflux.ops import reference
 from nflux.ops._checks import check_rq_spline_args
 from nflux.ops._registration import fake_like, register_elementwise_vmap
 
-_NATIVE_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
-
-
-def _native(tensor: torch.Tensor) -> bool:
-    return _extension.has_kernel(tensor.device) and tensor.dtype in _NATIVE_DTYPES.get(
-        tensor.device.type, ()
-    )
-
-
 def rq_spline(
     inputs: torch.Tensor,
     unnormalized_widths: torch.Tensor,
@@ -59,7 +47,7 @@ def rq_spline(
         min_bin_height,
         min_derivative,
     )
-    if _native(inputs):
+    if _extension.native(inputs):
         return torch.ops.nflux.rq_spline(
             inputs,
             unnormalized_widths,
