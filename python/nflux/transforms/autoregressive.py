@@ -1,0 +1,89 @@
+"""Masked autoregressive transforms (MAF, autoregressive NSF) on `nflux.nets.MADE`.
+
+forward (the density direction) is one MADE pass: y_i = T(x_i; MADE(x)_i). inverse (the
+sampling direction) is sequential in principle; it uses the one-pass inversion
+`MADE.inverse_autoregressive` (`nflux.ops.made_inverse`), which costs about one network pass.
+`Inverse(...)` of these layers gives IAF-style layers (fast sampling; their density uses the
+same one-pass inversion).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from nflux.nets.made import MADE
+from nflux.transforms.base import Transform
+
+
+class _MaskedAutoregressive(Transform):
+    transformer = "affine"
+
+    def __init__(self, features: int, params_per_feature: int, *, context: int = 0,
+                 hidden: Sequence[int] = (256, 256), residual: bool = False,
+                 ordering: str | Sequence[int] = "natural", seed: int = 0, activation: str = "relu"):
+        super().__init__()
+        self.features = features
+        self.made = MADE(features, params_per_feature, hidden, context_features=context or None,
+                         ordering=ordering, seed=seed, residual=residual, activation=activation)
+        with torch.no_grad():  # identity start: the output layer's weight is zero
+            self.made.weights[-1].zero_()
+            self.made.biases[-1].copy_(self._out_bias().to(self.made.biases[-1]))
+        self.options: dict = {}
+
+    def _out_bias(self) -> torch.Tensor:
+        return torch.zeros(self.made.biases[-1].shape)
+
+    def forward(self, x, context=None):
+        return self.made.transform(x, self.transformer, context, **self.options)
+
+    def inverse(self, y, context=None):
+        return self.made.inverse_autoregressive(y, self.transformer, context, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, transformer={self.transformer}"
+
+
+class MaskedAffineAutoregressive(_MaskedAutoregressive):
+    """MAF layer: y = x * exp(log_scale) + shift with (shift, log_scale) = MADE(x, context).
+
+    Args: features D; context size (0: none); hidden MADE widths; residual (ResMADE, equal
+    widths); ordering ("natural", "reversed", "random" with seed, or a permutation);
+    activation.
+    """
+
+    transformer = "affine"
+
+    def __init__(self, features: int, *, context: int = 0, hidden: Sequence[int] = (256, 256),
+                 residual: bool = False, ordering: str | Sequence[int] = "natural", seed: int = 0,
+                 activation: str = "relu"):
+        super().__init__(features, 2, context=context, hidden=hidden, residual=residual, ordering=ordering,
+                         seed=seed, activation=activation)
+
+
+class MaskedSplineAutoregressive(_MaskedAutoregressive):
+    """Autoregressive NSF layer: y_i = RQS(x_i; MADE(x, context)_i), K bins on
+    [-tail_bound, tail_bound] with identity tails; starts at the identity."""
+
+    transformer = "rq_spline"
+
+    def __init__(self, features: int, *, context: int = 0, hidden: Sequence[int] = (128, 128),
+                 residual: bool = False, ordering: str | Sequence[int] = "natural", seed: int = 0,
+                 activation: str = "relu", bins: int = 8, tail_bound: float = 3.0,
+                 min_bin_width: float = 1e-3, min_bin_height: float = 1e-3, min_derivative: float = 1e-3):
+        self.bins = bins
+        super().__init__(features, 3 * bins - 1, context=context, hidden=hidden, residual=residual,
+                         ordering=ordering, seed=seed, activation=activation)
+        self.options = dict(tail_bound=float(tail_bound), min_bin_width=min_bin_width,
+                            min_bin_height=min_bin_height, min_derivative=min_derivative)
+
+    def _out_bias(self) -> torch.Tensor:
+        K = self.bins
+        bias = torch.zeros(self.features, 3 * K - 1)
+        bias[:, 2 * K :] = math.log(math.expm1(1.0 - 1e-3))
+        return bias.reshape(-1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bins={self.bins}, tail_bound={self.options['tail_bound']}"
