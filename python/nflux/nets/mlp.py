@@ -13,6 +13,11 @@ _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "gelu": nn.GELU
 class MLP(nn.Module):
     """x (and an optional context, concatenated) -> hidden layers -> out_features.
 
+    `out_features` may be a tuple of sizes: the last layer is then split into one head per
+    size and `forward` returns a tuple of contiguous tensors. This is how spline couplings get
+    their widths, heights and derivatives: slices of one output would be strided, and the
+    native ops would copy them (and autograd would scatter their gradients back) every call.
+
     The last layer starts at zero weight (bias zero unless `out_bias` is given), so a
     coupling layer conditioned by it starts at (or near) the identity and training starts
     stable; gradients still reach every layer from the first step on, through the last
@@ -23,13 +28,13 @@ class MLP(nn.Module):
         hidden: widths of the hidden layers.
         context: size of the context vector (0: none).
         activation: "relu", "elu", "tanh", "gelu" or "silu".
-        out_bias: initial bias of the last layer, `[out_features]` (default zeros).
+        out_bias: initial bias of the last layer, `[sum(out_features)]` (default zeros).
     """
 
     def __init__(
         self,
         in_features: int,
-        out_features: int,
+        out_features: int | Sequence[int],
         hidden: Sequence[int] = (256, 256),
         *,
         context: int = 0,
@@ -44,11 +49,14 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), _ACTIVATIONS[activation]()]
-        last = nn.Linear(sizes[-1], out_features)
+        self.split = not isinstance(out_features, int)
+        outs = [int(o) for o in out_features] if self.split else [int(out_features)]
+        bias = torch.zeros(sum(outs)) if out_bias is None else torch.as_tensor(out_bias, dtype=torch.float32)
+        self.heads = nn.ModuleList(nn.Linear(sizes[-1], o) for o in outs)
         with torch.no_grad():
-            last.weight.zero_()
-            last.bias.copy_(torch.zeros(out_features) if out_bias is None else torch.as_tensor(out_bias))
-        layers.append(last)
+            for head, b in zip(self.heads, bias.split(outs)):
+                head.weight.zero_()
+                head.bias.copy_(b)
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,4 +68,7 @@ class MLP(nn.Module):
             x = torch.cat([x, context], dim=-1)
         elif context is not None:
             raise ValueError("nflux: this conditioner was built without context (context=0)")
-        return self.net(x)
+        h = self.net(x)
+        if self.split:
+            return tuple(head(h) for head in self.heads)
+        return self.heads[0](h)

@@ -38,14 +38,6 @@ def random_mask(features: int, seed: int = 0) -> torch.Tensor:
     return mask
 
 
-def spline_identity_bias(count: int, bins: int, min_derivative: float = 1e-3) -> torch.Tensor:
-    """Output bias `[count * (3K-1)]` making `rq_spline` the identity with a zero weight:
-    equal bins, and interior derivative logits d with softplus(d) + min_derivative = 1."""
-    bias = torch.zeros(count, 3 * bins - 1)
-    bias[:, 2 * bins :] = math.log(math.expm1(1.0 - min_derivative))
-    return bias.reshape(-1)
-
-
 class _Coupling(Transform):
     """Shared split / merge logic; subclasses define the parameter count and the elementwise map."""
 
@@ -66,8 +58,11 @@ class _Coupling(Transform):
         self.register_buffer("change_idx", change, persistent=False)
         self.register_buffer("merge_idx", torch.argsort(torch.cat([keep, change])), persistent=False)
         self.n_keep, self.n_change = keep.numel(), change.numel()
-        self.net = MLP(self.n_keep, self.n_change * self.params_per_feature, hidden, context=context,
+        self.net = MLP(self.n_keep, self._out_features(), hidden, context=context,
                        activation=activation, out_bias=self._out_bias())
+
+    def _out_features(self):
+        return self.n_change * self.params_per_feature
 
     def _out_bias(self):
         return None
@@ -114,10 +109,12 @@ class AffineCoupling(_Coupling):
         self.scale, self.clamp = scale, clamp
         super().__init__(features, mask, context=context, hidden=hidden, activation=activation)
 
+    def _out_features(self):
+        return (self.n_change, self.n_change)  # (shift, scale logits), each contiguous
+
     def _map(self, x_change, params, inverse):
-        n = self.n_change
-        return ops.affine_coupling(x_change, params[:, :n], params[:, n:], scale=self.scale, clamp=self.clamp,
-                                   inverse=inverse)
+        shift, logits = params
+        return ops.affine_coupling(x_change, shift, logits, scale=self.scale, clamp=self.clamp, inverse=inverse)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={self.scale}, clamp={self.clamp}"
@@ -137,13 +134,20 @@ class SplineCoupling(_Coupling):
         self._n_change_init = int(torch.as_tensor(mask).bool().sum())
         super().__init__(features, mask, context=context, hidden=hidden, activation=activation)
 
+    def _out_features(self):
+        # widths, heights, derivatives as three contiguous heads, laid out [n_change, K(-1)].
+        n, K = self.n_change, self.bins
+        return (n * K, n * K, n * (K - 1))
+
     def _out_bias(self):
-        return spline_identity_bias(self._n_change_init, self.bins, self.options["min_derivative"])
+        n, K = self._n_change_init, self.bins
+        d = math.log(math.expm1(1.0 - self.options["min_derivative"]))
+        return torch.cat([torch.zeros(2 * n * K), torch.full((n * (K - 1),), d)])
 
     def _map(self, x_change, params, inverse):
-        K = self.bins
-        params = params.reshape(x_change.shape[0], self.n_change, 3 * K - 1)
-        y, lad = ops.rq_spline(x_change, params[..., :K], params[..., K : 2 * K], params[..., 2 * K :],
+        B, n, K = x_change.shape[0], self.n_change, self.bins
+        w, h, d = params
+        y, lad = ops.rq_spline(x_change, w.view(B, n, K), h.view(B, n, K), d.view(B, n, K - 1),
                                inverse=inverse, **self.options)
         return y, lad.sum(-1)
 
