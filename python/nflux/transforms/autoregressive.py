@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from nflux import ops
 from nflux.nets.made import MADE
 from nflux.transforms.base import Transform
 
@@ -32,12 +33,35 @@ class _MaskedAutoregressive(Transform):
             self.made.weights[-1].zero_()
             self.made.biases[-1].copy_(self._out_bias().to(self.made.biases[-1]))
         self.options: dict = {}
+        # The density pass applies MADE's output layer as one head per parameter group (rows
+        # i*P + p for p in the group), so each group comes out contiguous `[B, D, size]`:
+        # strided slices of `[B, D, P]` would be copied by the native ops and their gradients
+        # scattered back into zero-filled buffers, which costs more than the GEMMs at D = 16.
+        last_mask = self.made.masks()[-1]
+        start = 0
+        for g, size in enumerate(self._group_sizes()):
+            rows = torch.tensor([i * params_per_feature + p for i in range(features) for p in range(start, start + size)])
+            self.register_buffer(f"head_rows{g}", rows, persistent=False)
+            self.register_buffer(f"head_mask{g}", last_mask[rows].clone(), persistent=False)
+            start += size
+        self.group_sizes = self._group_sizes()
+
+    def _group_sizes(self) -> list[int]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _heads(self, x, context):
+        h = self.made.hidden(x, context)
+        weight, bias = self.made.weights[-1], self.made.biases[-1]
+        heads = []
+        for g, size in enumerate(self.group_sizes):
+            rows = getattr(self, f"head_rows{g}")
+            out = ops.masked_linear(h, weight.index_select(0, rows), bias.index_select(0, rows),
+                                    getattr(self, f"head_mask{g}"))
+            heads.append(out.view(x.shape[0], self.features, size))
+        return heads
 
     def _out_bias(self) -> torch.Tensor:
         return torch.zeros(self.made.biases[-1].shape)
-
-    def forward(self, x, context=None):
-        return self.made.transform(x, self.transformer, context, **self.options)
 
     def inverse(self, y, context=None):
         return self.made.inverse_autoregressive(y, self.transformer, context, **self.options)
@@ -55,6 +79,14 @@ class MaskedAffineAutoregressive(_MaskedAutoregressive):
     """
 
     transformer = "affine"
+
+    def _group_sizes(self):
+        return [1, 1]  # shift, log_scale
+
+    def forward(self, x, context=None):
+        shift, log_scale = self._heads(x, context)
+        # y = x * exp(log_scale) + shift, MADE's affine convention, as one fused op.
+        return ops.affine_coupling(x, shift.view_as(x), log_scale.view_as(x))
 
     def __init__(self, features: int, *, context: int = 0, hidden: Sequence[int] = (256, 256),
                  residual: bool = False, ordering: str | Sequence[int] = "natural", seed: int = 0,
@@ -78,6 +110,14 @@ class MaskedSplineAutoregressive(_MaskedAutoregressive):
                          ordering=ordering, seed=seed, activation=activation)
         self.options = dict(tail_bound=float(tail_bound), min_bin_width=min_bin_width,
                             min_bin_height=min_bin_height, min_derivative=min_derivative)
+
+    def _group_sizes(self):
+        return [self.bins, self.bins, self.bins - 1]  # widths, heights, derivatives
+
+    def forward(self, x, context=None):
+        widths, heights, derivatives = self._heads(x, context)
+        y, lad = ops.rq_spline(x, widths, heights, derivatives, **self.options)
+        return y, lad.sum(-1)
 
     def _out_bias(self) -> torch.Tensor:
         K = self.bins
