@@ -52,12 +52,12 @@ class MLP(nn.Module):
         self.split = not isinstance(out_features, int)
         outs = [int(o) for o in out_features] if self.split else [int(out_features)]
         bias = torch.zeros(sum(outs)) if out_bias is None else torch.as_tensor(out_bias, dtype=torch.float32)
+        self.net = nn.Sequential(*layers)
         self.heads = nn.ModuleList(nn.Linear(sizes[-1], o) for o in outs)
         with torch.no_grad():
             for head, b in zip(self.heads, bias.split(outs)):
                 head.weight.zero_()
                 head.bias.copy_(b)
-        self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if self.context_features:
