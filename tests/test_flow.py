@@ -100,3 +100,12 @@ def test_mc_normalisation_2d():
         mass = flow.log_prob(pts).exp().sum() * (grid[1] - grid[0]) ** 2
     assert abs(float(mass) - 1) < 1e-2, float(mass)
     assert math.isfinite(float(mass))
+
+
+def test_torch_distribution_base():
+    base = torch.distributions.Independent(
+        torch.distributions.Normal(torch.zeros(D, dtype=torch.float64), 2 * torch.ones(D, dtype=torch.float64)), 1)
+    flow = nflux.Flow([T.ReversePermutation(D)], base)
+    x = torch.randn(4, D, dtype=torch.float64)
+    torch.testing.assert_close(flow.log_prob(x), base.log_prob(x.flip(-1)))
+    assert flow.sample((5,)).shape == (5, D)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from nflux import _extension, nets, ops, transforms
-from nflux.flow import Flow, FlowDistribution, StandardNormal
+from nflux.flow import DistributionBase, Flow, FlowDistribution, StandardNormal
 from nflux.models import IAF, MAF, NICE, NSF, Glow, RealNVP
 
 __version__ = "0.1.0"
@@ -25,6 +25,6 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "Flow", "FlowDistribution", "Glow", "IAF", "MAF", "NICE", "NSF", "RealNVP", "StandardNormal",
+    "DistributionBase", "Flow", "FlowDistribution", "Glow", "IAF", "MAF", "NICE", "NSF", "RealNVP", "StandardNormal",
     "build_info", "nets", "ops", "transforms", "__version__",
 ]

@@ -45,13 +45,44 @@ class StandardNormal(nn.Module):
         return f"features={self.features}"
 
 
+class DistributionBase(nn.Module):
+    """Wraps a `torch.distributions.Distribution` with event shape `(D,)` as a flow base.
+
+    Its tensors do not follow `.to()` (a Distribution is not a module): build it on the device
+    you use, or prefer `StandardNormal` (or your own module with `features`, `log_prob`,
+    `sample`).
+    """
+
+    def __init__(self, distribution: Distribution):
+        super().__init__()
+        if len(distribution.event_shape) != 1 or distribution.batch_shape != ():
+            raise ValueError(
+                "nflux: a base distribution needs batch_shape () and event_shape (D,), got "
+                f"{tuple(distribution.batch_shape)} and {tuple(distribution.event_shape)} "
+                "(wrap a Normal in torch.distributions.Independent(..., 1))"
+            )
+        self.distribution = distribution
+        self.features = int(distribution.event_shape[0])
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self.distribution.log_prob(z)
+
+    def sample(self, shape: Sequence[int] = ()) -> torch.Tensor:
+        d = self.distribution
+        return d.rsample(torch.Size(shape)) if d.has_rsample else d.sample(torch.Size(shape))
+
+    def extra_repr(self) -> str:
+        return repr(self.distribution)
+
+
 class Flow(nn.Module):
     """A normalizing flow: `Flow(transform, base)`.
 
     Args:
         transform: a transform (x -> z) or a list of them (composed in order).
         base: an nn.Module with `features`, `log_prob(z [N, D]) -> [N]` and
-            `sample(shape) -> [*shape, D]`, or an int D for `StandardNormal(D)`.
+            `sample(shape) -> [*shape, D]`; an int D for `StandardNormal(D)`; or a
+            `torch.distributions.Distribution` with event shape `(D,)` (see `DistributionBase`).
 
     Calling the flow (`flow(x, context)`) is `log_prob`.
     """
@@ -59,7 +90,11 @@ class Flow(nn.Module):
     def __init__(self, transform: nn.Module | Sequence[nn.Module], base: nn.Module | int):
         super().__init__()
         self.transforms = Compose(*transform) if isinstance(transform, (list, tuple)) else transform
-        self.base = StandardNormal(base) if isinstance(base, int) else base
+        if isinstance(base, int):
+            base = StandardNormal(base)
+        elif isinstance(base, Distribution):
+            base = DistributionBase(base)
+        self.base = base
         self.features = int(self.base.features)
 
     # --- shape plumbing -------------------------------------------------------------
