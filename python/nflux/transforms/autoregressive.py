@@ -105,7 +105,7 @@ class MaskedSplineAutoregressive(_MaskedAutoregressive):
                  residual: bool = False, ordering: str | Sequence[int] = "natural", seed: int = 0,
                  activation: str = "relu", bins: int = 8, tail_bound: float = 3.0,
                  min_bin_width: float = 1e-3, min_bin_height: float = 1e-3, min_derivative: float = 1e-3):
-        self.bins = bins
+        self.bins, self._min_derivative = bins, float(min_derivative)
         super().__init__(features, 3 * bins - 1, context=context, hidden=hidden, residual=residual,
                          ordering=ordering, seed=seed, activation=activation)
         self.options = dict(tail_bound=float(tail_bound), min_bin_width=min_bin_width,
@@ -122,7 +122,8 @@ class MaskedSplineAutoregressive(_MaskedAutoregressive):
     def _out_bias(self) -> torch.Tensor:
         K = self.bins
         bias = torch.zeros(self.features, 3 * K - 1)
-        bias[:, 2 * K :] = math.log(math.expm1(1.0 - 1e-3))
+        # softplus(d) + min_derivative = 1 at the interior knots: with equal bins, the identity.
+        bias[:, 2 * K :] = math.log(math.expm1(1.0 - self._min_derivative))
         return bias.reshape(-1)
 
     def extra_repr(self) -> str:
