@@ -13,10 +13,11 @@ _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "gelu": nn.GELU
 class MLP(nn.Module):
     """x (and an optional context, concatenated) -> hidden layers -> out_features.
 
-    `out_features` may be a tuple of sizes: the last layer is then split into one head per
-    size and `forward` returns a tuple of contiguous tensors. This is how spline couplings get
-    their widths, heights and derivatives: slices of one output would be strided, and the
-    native ops would copy them (and autograd would scatter their gradients back) every call.
+    `out_features` may be a tuple of sizes: the last layer is then applied as one head per
+    size (row blocks of its weight) and `forward` returns a tuple of contiguous tensors. This
+    is how spline couplings get their widths, heights and derivatives: slices of one output
+    would be strided, and the native ops would copy them (and autograd would scatter their
+    gradients back) every call.
 
     The last layer starts at zero weight (bias zero unless `out_bias` is given), so a
     coupling layer conditioned by it starts at (or near) the identity and training starts
@@ -50,14 +51,18 @@ class MLP(nn.Module):
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), _ACTIVATIONS[activation]()]
         self.split = not isinstance(out_features, int)
-        outs = [int(o) for o in out_features] if self.split else [int(out_features)]
-        bias = torch.zeros(sum(outs)) if out_bias is None else torch.as_tensor(out_bias, dtype=torch.float32)
+        self.out_sizes = [int(o) for o in out_features] if self.split else [int(out_features)]
         self.net = nn.Sequential(*layers)
-        self.heads = nn.ModuleList(nn.Linear(sizes[-1], o) for o in outs)
+        # One output layer even when split: its weight is split into row blocks at call time
+        # (contiguous views; the backward concatenates their gradients), so the optimizer sees
+        # one tensor, not one per head.
+        self.out = nn.Linear(sizes[-1], sum(self.out_sizes))
         with torch.no_grad():
-            for head, b in zip(self.heads, bias.split(outs)):
-                head.weight.zero_()
-                head.bias.copy_(b)
+            self.out.weight.zero_()
+            if out_bias is not None:
+                self.out.bias.copy_(torch.as_tensor(out_bias, dtype=torch.float32))
+            else:
+                self.out.bias.zero_()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if self.context_features:
@@ -70,5 +75,7 @@ class MLP(nn.Module):
             raise ValueError("nflux: this conditioner was built without context (context=0)")
         h = self.net(x)
         if self.split:
-            return tuple(head(h) for head in self.heads)
-        return self.heads[0](h)
+            weights = self.out.weight.split(self.out_sizes, 0)
+            biases = self.out.bias.split(self.out_sizes, 0)
+            return tuple(nn.functional.linear(h, w, b) for w, b in zip(weights, biases))
+        return self.out(h)
