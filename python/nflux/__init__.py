@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from nflux import _extension, nets, ops
+from nflux import _extension, nets, ops, transforms
+from nflux.flow import DistributionBase, Flow, FlowDistribution, StandardNormal
+from nflux.models import IAF, MAF, NICE, NSF, Glow, RealNVP
 
 __version__ = "0.1.0"
 
@@ -22,4 +24,7 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["build_info", "nets", "ops", "__version__"]
+__all__ = [
+    "DistributionBase", "Flow", "FlowDistribution", "Glow", "IAF", "MAF", "NICE", "NSF", "RealNVP", "StandardNormal",
+    "build_info", "nets", "ops", "transforms", "__version__",
+]

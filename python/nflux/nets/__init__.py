@@ -1,5 +1,6 @@
 """Conditioner networks for flows."""
 
 from nflux.nets.made import MADE
+from nflux.nets.mlp import MLP
 
-__all__ = ["MADE"]
+__all__ = ["MADE", "MLP"]

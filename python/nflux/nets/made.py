@@ -128,15 +128,16 @@ class MADE(nn.Module):
         terms = [layer(context) for layer in self.context]
         return [t.expand(batch, -1) if t.shape[0] == 1 else t for t in terms]
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Params `[B, D, P]` for inputs `[B, D]`."""
+    def hidden(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The activations entering the output layer, `[B, width]` (with `forward`'s masks, so a
+        caller may apply the output layer its own way, e.g. as several contiguous heads)."""
         ctx = self.context_terms(context, x.shape[0])
         act = _ACTIVATIONS[self.activation]
         masks, n = self.masks(), len(self.weights)
 
         def linear(i, h):
             out = ops.masked_linear(h, self.weights[i], self.biases[i], masks[i])
-            return out + ctx[i] if ctx and i < n - 1 else out
+            return out + ctx[i] if ctx else out
 
         if not self.residual:
             h = x
@@ -146,7 +147,13 @@ class MADE(nn.Module):
             h = linear(0, x)
             for i in range(1, n - 1, 2):
                 h = h + linear(i + 1, act(linear(i, act(h))))
-        return linear(n - 1, h).reshape(x.shape[0], self.features, self.params_per_feature)
+        return h
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Params `[B, D, P]` for inputs `[B, D]`."""
+        n = len(self.weights)
+        out = ops.masked_linear(self.hidden(x, context), self.weights[n - 1], self.biases[n - 1], self.masks()[n - 1])
+        return out.reshape(x.shape[0], self.features, self.params_per_feature)
 
     def transform(self, x: torch.Tensor, transformer: str = "affine", context=None, **options):
         """The autoregressive transform y = T(x; MADE(x)) in one pass: `(y, logabsdet [B])`.

@@ -1,0 +1,201 @@
+"""Flow = base distribution + transform, and its `torch.distributions.Distribution` adapter.
+
+Convention: the transform maps data x to the base space z (`forward`, the density
+direction); sampling runs `inverse`. So
+
+    log p(x | c) = log p_base(z) + log|det dz/dx|,   z, logabsdet = transform(x, c).
+
+Shapes. The base is over vectors of D features; a context is a vector of C features.
+`log_prob(x, context)` takes x `[*batch, D]` and context `[*cbatch, C]` whose batch shapes
+broadcast, and returns `[*broadcast(batch, cbatch)]`. `sample(sample_shape, context)` with a
+context `[*cbatch, C]` returns `[*sample_shape, *cbatch, D]`: `sample((n,), context=c)` for
+c `[M, C]` gives n samples for each of the M contexts, `[n, M, D]`. Internally every call
+flattens to `[N, D]` / `[N, C]` with static shapes, so all of this compiles with
+`torch.compile(fullgraph=True)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.distributions import Distribution, constraints
+
+from nflux.transforms.base import Compose
+
+
+class StandardNormal(nn.Module):
+    """N(0, I_D) as a module, so that it follows the flow's `.to(device, dtype)`."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.features = int(features)
+        # Zero-size buffer: where and in which dtype to sample (moves with .to()).
+        self.register_buffer("_anchor", torch.empty(0), persistent=False)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * z.square().sum(-1) - 0.5 * self.features * math.log(2 * math.pi)
+
+    def sample(self, shape: Sequence[int] = ()) -> torch.Tensor:
+        return torch.randn(*shape, self.features, dtype=self._anchor.dtype, device=self._anchor.device)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
+
+
+class DistributionBase(nn.Module):
+    """Wraps a `torch.distributions.Distribution` with event shape `(D,)` as a flow base.
+
+    Its tensors do not follow `.to()` (a Distribution is not a module): build it on the device
+    you use, or prefer `StandardNormal` (or your own module with `features`, `log_prob`,
+    `sample`).
+    """
+
+    def __init__(self, distribution: Distribution):
+        super().__init__()
+        if len(distribution.event_shape) != 1 or distribution.batch_shape != ():
+            raise ValueError(
+                "nflux: a base distribution needs batch_shape () and event_shape (D,), got "
+                f"{tuple(distribution.batch_shape)} and {tuple(distribution.event_shape)} "
+                "(wrap a Normal in torch.distributions.Independent(..., 1))"
+            )
+        self.distribution = distribution
+        self.features = int(distribution.event_shape[0])
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self.distribution.log_prob(z)
+
+    def sample(self, shape: Sequence[int] = ()) -> torch.Tensor:
+        d = self.distribution
+        return d.rsample(torch.Size(shape)) if d.has_rsample else d.sample(torch.Size(shape))
+
+    def extra_repr(self) -> str:
+        return repr(self.distribution)
+
+
+class Flow(nn.Module):
+    """A normalizing flow: `Flow(transform, base)`.
+
+    Args:
+        transform: a transform (x -> z) or a list of them (composed in order).
+        base: an nn.Module with `features`, `log_prob(z [N, D]) -> [N]` and
+            `sample(shape) -> [*shape, D]`; an int D for `StandardNormal(D)`; or a
+            `torch.distributions.Distribution` with event shape `(D,)` (see `DistributionBase`).
+
+    Calling the flow (`flow(x, context)`) is `log_prob`.
+    """
+
+    def __init__(self, transform: nn.Module | Sequence[nn.Module], base: nn.Module | int):
+        super().__init__()
+        self.transforms = Compose(*transform) if isinstance(transform, (list, tuple)) else transform
+        if isinstance(base, int):
+            base = StandardNormal(base)
+        elif isinstance(base, Distribution):
+            base = DistributionBase(base)
+        self.base = base
+        self.features = int(self.base.features)
+
+    # --- shape plumbing -------------------------------------------------------------
+    def _flatten(self, x: torch.Tensor, context: torch.Tensor | None):
+        D = self.features
+        if x.shape[-1] != D:
+            raise ValueError(f"nflux: expected inputs with {D} features in the last dim, got {list(x.shape)}")
+        batch = x.shape[:-1]
+        if context is not None:
+            batch = torch.broadcast_shapes(batch, context.shape[:-1])
+            context = context.expand(*batch, context.shape[-1]).reshape(-1, context.shape[-1])
+        return x.expand(*batch, D).reshape(-1, D), context, batch
+
+    # --- the two directions -----------------------------------------------------------
+    def transform(self, x: torch.Tensor, context: torch.Tensor | None = None):
+        """(z, log|det dz/dx|) for x `[*batch, D]`: z `[*batch, D]`, logabsdet `[*batch]`."""
+        x2, c2, batch = self._flatten(x, context)
+        z, lad = self.transforms(x2, c2)
+        return z.reshape(*batch, self.features), lad.reshape(batch)
+
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None):
+        """(x, log|det dx/dz|) for z `[*batch, D]`."""
+        z2, c2, batch = self._flatten(z, context)
+        x, lad = self.transforms.inverse(z2, c2)
+        return x.reshape(*batch, self.features), lad.reshape(batch)
+
+    # --- density and sampling --------------------------------------------------------------
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x | context), shape `[*broadcast(x.batch, context.batch)]`."""
+        x2, c2, batch = self._flatten(x, context)
+        z, lad = self.transforms(x2, c2)
+        return (self.base.log_prob(z) + lad).reshape(batch)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.log_prob(x, context)
+
+    def _draw(self, sample_shape, context):
+        shape = torch.Size(sample_shape)
+        if context is not None:
+            shape = shape + context.shape[:-1]
+            context = context.expand(*shape, context.shape[-1]).reshape(-1, context.shape[-1])
+        z = self.base.sample((math.prod(shape),))
+        x, lad = self.transforms.inverse(z, context)
+        log_prob = self.base.log_prob(z) - lad
+        return x.reshape(*shape, self.features), log_prob.reshape(shape)
+
+    def rsample_and_log_prob(self, sample_shape: Sequence[int] = (), context: torch.Tensor | None = None):
+        """Reparameterised samples and their log density in one pass (no density inversion):
+        x `[*sample_shape, *context.batch, D]`, log_prob `[*sample_shape, *context.batch]`."""
+        return self._draw(sample_shape, context)
+
+    def sample_and_log_prob(self, sample_shape: Sequence[int] = (), context: torch.Tensor | None = None):
+        """As `rsample_and_log_prob`, without gradients."""
+        with torch.no_grad():
+            return self._draw(sample_shape, context)
+
+    def rsample(self, sample_shape: Sequence[int] = (), context: torch.Tensor | None = None) -> torch.Tensor:
+        """Reparameterised samples `[*sample_shape, *context.batch, D]` (differentiable in the
+        parameters and the context)."""
+        return self._draw(sample_shape, context)[0]
+
+    def sample(self, sample_shape: Sequence[int] = (), context: torch.Tensor | None = None) -> torch.Tensor:
+        """Samples `[*sample_shape, *context.batch, D]`, without gradients."""
+        with torch.no_grad():
+            return self._draw(sample_shape, context)[0]
+
+    def dist(self, context: torch.Tensor | None = None) -> "FlowDistribution":
+        """This flow (conditioned on `context`) as a `torch.distributions.Distribution`."""
+        return FlowDistribution(self, context)
+
+
+class FlowDistribution(Distribution):
+    """`torch.distributions.Distribution` view of a flow at a fixed context.
+
+    batch_shape is the context's batch shape (`()` without context), event_shape `(D,)`;
+    `sample`/`rsample(sample_shape)` give `[*sample_shape, *batch_shape, D]`.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, flow: Flow, context: torch.Tensor | None = None):
+        self.flow, self.context = flow, context
+        batch_shape = context.shape[:-1] if context is not None else torch.Size()
+        super().__init__(batch_shape, torch.Size([flow.features]), validate_args=False)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.flow.log_prob(value, self.context)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self.flow.rsample(sample_shape, self.context)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self.flow.sample(sample_shape, self.context)
+
+    def rsample_and_log_prob(self, sample_shape=torch.Size()):
+        return self.flow.rsample_and_log_prob(sample_shape, self.context)
+
+    def sample_and_log_prob(self, sample_shape=torch.Size()):
+        return self.flow.sample_and_log_prob(sample_shape, self.context)
+
+    def __repr__(self) -> str:
+        return f"FlowDistribution(batch_shape={tuple(self.batch_shape)}, event_shape={tuple(self.event_shape)})"

@@ -1,0 +1,67 @@
+"""ActNorm (Kingma & Dhariwal 2018) for vectors, with data-dependent initialisation.
+
+y = (x + bias + b0) * exp(log_scale + s0), per feature. `bias` and `log_scale` are the
+learnable parameters (initialised to 0); `b0`, `s0` are buffers set once, from the first
+batch seen in training mode, so that the output of that batch has zero mean and unit variance
+per feature. The first-batch logic uses `torch.where` on an `initialized` buffer and
+in-place buffer updates (as BatchNorm updates its running statistics), never a host sync, so
+it also runs inside `torch.compile(fullgraph=True)`. In eval mode, or after the first training
+batch, the layer is a plain elementwise affine map. An ActNorm that never saw a training batch
+is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nflux.transforms.base import Transform
+
+
+class ActNorm(Transform):
+    """Per-feature affine normalisation with data-dependent init (see module docstring).
+
+    Args:
+        features: D.
+        eps: floor added to the first batch's standard deviation.
+        data_init: if False, skip the data-dependent init (a plain learnable elementwise
+            affine map starting at the identity).
+    """
+
+    def __init__(self, features: int, *, eps: float = 1e-6, data_init: bool = True):
+        super().__init__()
+        self.features, self.eps, self.data_init = features, eps, data_init
+        self.bias = nn.Parameter(torch.zeros(features))
+        self.log_scale = nn.Parameter(torch.zeros(features))
+        self.register_buffer("b0", torch.zeros(features))
+        self.register_buffer("s0", torch.zeros(features))
+        self.register_buffer("initialized", torch.tensor(not data_init))
+
+    def _offsets(self, x: torch.Tensor):
+        if not (self.training and self.data_init):
+            return self.b0, self.s0
+        with torch.no_grad():
+            # Stats of x as it enters the layer, net of the (zero at init) learnable part.
+            xd = x.detach()
+            mean = xd.mean(0)
+            std = xd.std(0, correction=0) if xd.shape[0] > 1 else torch.ones_like(mean)
+            b0 = torch.where(self.initialized, self.b0, -mean.to(self.b0.dtype))
+            s0 = torch.where(self.initialized, self.s0, -torch.log(std.to(self.s0.dtype) + self.eps))
+            self.b0.copy_(b0)
+            self.s0.copy_(s0)
+            self.initialized.fill_(True)
+        return b0, s0
+
+    def forward(self, x, context=None):
+        b0, s0 = self._offsets(x)
+        log_scale = self.log_scale + s0
+        y = (x + (self.bias + b0)) * torch.exp(log_scale)
+        return y, log_scale.sum().expand(x.shape[0])
+
+    def inverse(self, y, context=None):
+        log_scale = self.log_scale + self.s0
+        x = y * torch.exp(-log_scale) - (self.bias + self.b0)
+        return x, (-log_scale.sum()).expand(y.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, data_init={self.data_init}"
