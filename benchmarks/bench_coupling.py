@@ -13,7 +13,9 @@ tensors leave the resident set).
             (fold_actnorm) and runs one lu_conv1x1; unfused is ActNorm in torch, W = P L U
             built in torch, then conv2d (F.linear for tabular); inverse via torch.linalg.inv.
 
-    python benchmarks/bench_coupling.py [--device cpu] [--dtype float32] [--threads N]
+Times are the best of --rounds interleaved rounds (the impls take turns in every round).
+
+    python benchmarks/bench_coupling.py [--device cpu] [--dtype float32] [--threads N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -109,6 +111,11 @@ STEP = {"nflux": step_nflux, "reference": step_reference, "unfused": step_unfuse
 OPS = {"coupling": (COUPLING, coupling_inputs), "conv step": (STEP, step_inputs)}
 
 
+def _no_grad(impl, *args):
+    with torch.no_grad():
+        return impl(*args)
+
+
 def fwd_bwd(impl, tensors):
     y, lad = impl(*tensors, False)
     (y.sum() + lad.sum()).backward()
@@ -138,6 +145,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--rounds", type=int, default=60, help="interleaved timing rounds (best of)")
     parser.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -159,11 +167,18 @@ def main() -> None:
             with torch.no_grad():
                 y_inv = impls["nflux"](*plain, False)[0]
             times = {}
-            for name, impl in impls.items():
-                with torch.no_grad():
-                    times[(name, "forward")] = H.time_fn(lambda: impl(*plain, False), device=device)
-                    times[(name, "inverse")] = H.time_fn(lambda: impl(y_inv, *plain[1:], True), device=device)
-                times[(name, "forward+backward")] = H.time_fn(lambda: fwd_bwd(impl, grads), device=device)
+            # Interleaved rounds, best of each: every impl sees the same load drift.
+            for kind in ("forward", "inverse", "forward+backward"):
+                fns = {}
+                for name, impl in impls.items():
+                    if kind == "forward+backward":
+                        fns[name] = lambda impl=impl: fwd_bwd(impl, grads)
+                    elif kind == "forward":
+                        fns[name] = lambda impl=impl: _no_grad(impl, *plain, False)
+                    else:
+                        fns[name] = lambda impl=impl: _no_grad(impl, y_inv, *plain[1:], True)
+                for name, t in H.time_interleaved(fns, device=device, rounds=args.rounds, warmup=2).items():
+                    times[(name, kind)] = t
             peaks, kept = {}, {}
             if device == "cpu":
                 extra = ["--dtype", args.dtype, "--threads", str(torch.get_num_threads())]

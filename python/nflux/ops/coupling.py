@@ -55,19 +55,8 @@ def affine_coupling(
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, shift, logits, *options = inputs
-    ctx.save_for_backward(x, shift, logits)
-    ctx.options = options
-
-
-def _backward(ctx, grad_y, grad_logabsdet):
-    x, shift, logits = ctx.saved_tensors
-    # The kernel recomputes the scale from the saved inputs: nothing else was kept.
-    grad_x, grad_shift, grad_logits = torch.ops.nflux.affine_coupling_backward(
-        grad_y, grad_logabsdet, x, shift, logits, *ctx.options
-    )
-    return grad_x, grad_shift, (None if logits is None else grad_logits), None, None, None
+# The autograd kernel is in C++ (csrc/autograd.cpp): it saves only the inputs and calls
+# affine_coupling_backward, handing grad_y on as the shift's gradient in the forward direction.
 
 
 def _fake(x, shift, logits, kind, clamp, inverse):
@@ -107,8 +96,5 @@ def _vmap_backward(info, in_dims, grad_y, grad_lad, x, shift, logits, *options):
 if _extension.loaded:
     torch.library.register_fake("nflux::affine_coupling")(_fake)
     torch.library.register_fake("nflux::affine_coupling_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "nflux::affine_coupling", _backward, setup_context=_setup_context
-    )
     torch.library.register_vmap("nflux::affine_coupling", _vmap)
     torch.library.register_vmap("nflux::affine_coupling_backward", _vmap_backward)

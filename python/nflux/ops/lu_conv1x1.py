@@ -73,19 +73,8 @@ def fold_actnorm(
     return folded_upper, folded_log_scale, folded_bias if bias is None else folded_bias + bias
 
 
-def _setup_context(ctx, inputs, output):
-    x, perm, lower, upper, log_scale, sign, bias, inverse = inputs
-    ctx.save_for_backward(x, perm, lower, upper, log_scale, sign, bias)
-    ctx.inverse = inverse
-
-
-def _backward(ctx, grad_y, grad_logabsdet):
-    x, perm, lower, upper, log_scale, sign, bias = ctx.saved_tensors
-    grad_x, grad_lower, grad_upper, grad_log_scale, grad_bias = torch.ops.nflux.lu_conv1x1_backward(
-        grad_y, grad_logabsdet, x, perm, lower, upper, log_scale, sign, bias, ctx.inverse
-    )
-    grad_bias = None if bias is None else grad_bias
-    return grad_x, None, grad_lower, grad_upper, grad_log_scale, None, grad_bias, None
+# The autograd kernel is in C++ (csrc/autograd.cpp): it saves the inputs and calls
+# lu_conv1x1_backward.
 
 
 def _fake(x, perm, lower, upper, log_scale, sign, bias, inverse):
@@ -106,4 +95,3 @@ def _fake_backward(grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bia
 if _extension.loaded:
     torch.library.register_fake("nflux::lu_conv1x1")(_fake)
     torch.library.register_fake("nflux::lu_conv1x1_backward")(_fake_backward)
-    torch.library.register_autograd("nflux::lu_conv1x1", _backward, setup_context=_setup_context)
