@@ -79,7 +79,7 @@ class AffineCouplingFunction : public torch::autograd::Function<AffineCouplingFu
     auto [grad_x, grad_shift, grad_logits] =
         affine_coupling_backward_call(grad_y, grad_lad, x, shift, logits, kind, clamp, inverse);
     // Forward direction: y = x * scale + shift, so dL/dshift is grad_y itself (and so is dL/dx
-    // for the additive coupling): hand grad_y on instead of a second copy of it.
+    // for the additive coupling): the backward op leaves it out and grad_y is handed on.
     if (!inverse) {
       grad_shift = grad_y;
       if (!logits.has_value()) grad_x = grad_y;

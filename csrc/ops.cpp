@@ -24,6 +24,8 @@ TORCH_LIBRARY(nflux, m) {
       "affine_coupling(Tensor x, Tensor shift, Tensor? scale_logits, int scale_kind, "
       "float? clamp, bool inverse) -> (Tensor y, Tensor logabsdet)",
       {at::Tag::pt2_compliant_tag});
+  // grad_shift is empty ([0]) for inverse=false: it equals grad_y, so it is neither computed
+  // nor stored (grad_scale_logits is empty for the additive coupling, scale_kind 0).
   m.def(
       "affine_coupling_backward(Tensor grad_y, Tensor grad_logabsdet, Tensor x, Tensor shift, "
       "Tensor? scale_logits, int scale_kind, float? clamp, bool inverse) -> (Tensor grad_x, "

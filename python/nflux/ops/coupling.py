@@ -65,7 +65,9 @@ def _fake(x, shift, logits, kind, clamp, inverse):
 
 def _fake_backward(grad_y, grad_lad, x, shift, logits, kind, clamp, inverse):
     grad_logits = x.new_empty(x.shape) if logits is not None else x.new_empty(0)
-    return x.new_empty(x.shape), x.new_empty(x.shape), grad_logits
+    # Forward direction: grad_shift is grad_y itself, returned empty by the kernels.
+    grad_shift = x.new_empty(x.shape) if inverse else x.new_empty(0)
+    return x.new_empty(x.shape), grad_shift, grad_logits
 
 
 def _front(t, dim, size):
@@ -87,10 +89,11 @@ def _vmap_backward(info, in_dims, grad_y, grad_lad, x, shift, logits, *options):
     size = info.batch_size
     moved = [_front(t, d, size) for t, d in zip((grad_y, grad_lad, x, shift, logits), in_dims)]
     grads = torch.ops.nflux.affine_coupling_backward(*moved, *options)
-    unflat = [g.view(size, -1, *g.shape[1:]) for g in grads[:2]]
-    if logits is None:
-        return (*unflat, grads[2]), (0, 0, None)
-    return (*unflat, grads[2].view(size, -1, *grads[2].shape[1:])), (0, 0, 0)
+    # The empty outputs (grad_shift forward, grad_logits additive) stay unbatched.
+    inverse = options[-1]
+    batched = (True, inverse, logits is not None)
+    out = tuple(g.view(size, -1, *g.shape[1:]) if b else g for g, b in zip(grads, batched))
+    return out, tuple(0 if b else None for b in batched)
 
 
 if _extension.loaded:

@@ -68,9 +68,10 @@ def fold_actnorm(
             raise ValueError(f"nflux: {name} must have shape [{C}], got {list(t.shape)}")
     folded_upper = upper * torch.exp(actnorm_log_scale)
     folded_log_scale = log_scale + actnorm_log_scale
-    w = reference.lu_weight(perm, lower, folded_upper, folded_log_scale, sign)
-    folded_bias = w @ actnorm_bias
-    return folded_upper, folded_log_scale, folded_bias if bias is None else folded_bias + bias
+    # bias' = W' actnorm_bias + bias is the op itself applied to the one row actnorm_bias: one
+    # call (and one backward node) instead of building W' from a dozen small autograd ops.
+    folded_bias, _ = lu_conv1x1(actnorm_bias[None], perm, lower, folded_upper, folded_log_scale, sign, bias)
+    return folded_upper, folded_log_scale, folded_bias[0]
 
 
 # The autograd kernel is in C++ (csrc/autograd.cpp): it saves the inputs and calls
