@@ -9,8 +9,8 @@ tensors leave the resident set).
 
   coupling: nflux.ops.affine_coupling(x, shift, logits) (scale="exp"); unfused is
             s = exp(logits); y = x * s + shift; lad = logits.flatten(1).sum(1) with autograd.
-  conv step: ActNorm + invertible 1x1 conv. nflux folds ActNorm into the LU factors
-            (fold_actnorm) and runs one lu_conv1x1; unfused is ActNorm in torch, W = P L U
+  conv step: ActNorm + invertible 1x1 conv. nflux (actnorm_lu_conv1x1) folds ActNorm's scale
+            into the LU factors and passes its bias as lu_conv1x1's input_shift: one op, one GEMM; unfused is ActNorm in torch, W = P L U
             built in torch, then conv2d (F.linear for tabular); inverse via torch.linalg.inv.
 
 Times are the best of --rounds interleaved rounds (the impls take turns in every round).
@@ -71,8 +71,7 @@ def step_inputs(shape, device, dtype, requires_grad):
 
 
 def step_nflux(x, perm, sign, lower, upper, ls, bias, an_ls, an_b, inverse):
-    up, lsf, bf = nflux.ops.fold_actnorm(perm, lower, upper, ls, sign, bias, an_ls, an_b)
-    return nflux.ops.lu_conv1x1(x, perm, lower, up, lsf, sign, bf, inverse=inverse)
+    return nflux.ops.actnorm_lu_conv1x1(x, perm, lower, upper, ls, sign, bias, an_ls, an_b, inverse=inverse)
 
 
 def _per_channel(v, x):

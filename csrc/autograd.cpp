@@ -98,32 +98,37 @@ TensorPair affine_coupling_autograd(const at::Tensor& x, const at::Tensor& shift
 
 // ---- lu_conv1x1 --------------------------------------------------------------------------
 
+using OptTensor = std::optional<at::Tensor>;
+
 TensorPair lu_conv1x1_call(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& lower,
                            const at::Tensor& upper, const at::Tensor& log_scale,
-                           const at::Tensor& sign, const std::optional<at::Tensor>& bias,
-                           bool inverse) {
+                           const at::Tensor& sign, const OptTensor& bias, bool inverse,
+                           const OptTensor& input_shift) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nflux::lu_conv1x1", "")
                        .typed<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&, bool)>();
-  return op.call(x, perm, lower, upper, log_scale, sign, bias, inverse);
+                                         const OptTensor&, bool, const OptTensor&)>();
+  return op.call(x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift);
 }
 
-using FiveTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using SixTensors =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-FiveTensors lu_conv1x1_backward_call(const at::Tensor& grad_y, const at::Tensor& grad_lad,
-                                     const at::Tensor& x, const at::Tensor& perm,
-                                     const at::Tensor& lower, const at::Tensor& upper,
-                                     const at::Tensor& log_scale, const at::Tensor& sign,
-                                     const std::optional<at::Tensor>& bias, bool inverse) {
+SixTensors lu_conv1x1_backward_call(const at::Tensor& grad_y, const at::Tensor& grad_lad,
+                                    const at::Tensor& x, const at::Tensor& perm,
+                                    const at::Tensor& lower, const at::Tensor& upper,
+                                    const at::Tensor& log_scale, const at::Tensor& sign,
+                                    const OptTensor& bias, bool inverse,
+                                    const OptTensor& input_shift) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nflux::lu_conv1x1_backward", "")
-                       .typed<FiveTensors(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, const at::Tensor&,
-                                          const std::optional<at::Tensor>&, bool)>();
-  return op.call(grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias, inverse);
+                       .typed<SixTensors(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                         bool, const OptTensor&)>();
+  return op.call(grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias, inverse,
+                 input_shift);
 }
 
 class LuConv1x1Function : public torch::autograd::Function<LuConv1x1Function> {
@@ -131,11 +136,13 @@ class LuConv1x1Function : public torch::autograd::Function<LuConv1x1Function> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& perm,
                                const at::Tensor& lower, const at::Tensor& upper,
                                const at::Tensor& log_scale, const at::Tensor& sign,
-                               const std::optional<at::Tensor>& bias, bool inverse) {
+                               const OptTensor& bias, bool inverse, const OptTensor& input_shift) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, lad] = lu_conv1x1_call(x, perm, lower, upper, log_scale, sign, bias, inverse);
-    ctx->save_for_backward(
-        {x, perm, lower, upper, log_scale, sign, bias.has_value() ? *bias : at::Tensor()});
+    auto [y, lad] =
+        lu_conv1x1_call(x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift);
+    ctx->save_for_backward({x, perm, lower, upper, log_scale, sign,
+                            bias.has_value() ? *bias : at::Tensor(),
+                            input_shift.has_value() ? *input_shift : at::Tensor()});
     ctx->saved_data["inverse"] = inverse;
     return {y, lad};
   }
@@ -143,20 +150,28 @@ class LuConv1x1Function : public torch::autograd::Function<LuConv1x1Function> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const auto bias = defined_or_none(s[6]);
-    auto [grad_x, grad_lower, grad_upper, grad_log_scale, grad_bias] = lu_conv1x1_backward_call(
-        grads[0], grads[1], s[0], s[1], s[2], s[3], s[4], s[5], bias,
-        ctx->saved_data["inverse"].toBool());
-    return {grad_x,         at::Tensor(), grad_lower,
-            grad_upper,     grad_log_scale, at::Tensor(),
-            bias.has_value() ? grad_bias : at::Tensor(), at::Tensor()};
+    const auto input_shift = defined_or_none(s[7]);
+    auto [grad_x, grad_lower, grad_upper, grad_log_scale, grad_bias, grad_shift] =
+        lu_conv1x1_backward_call(grads[0], grads[1], s[0], s[1], s[2], s[3], s[4], s[5], bias,
+                                 ctx->saved_data["inverse"].toBool(), input_shift);
+    return {grad_x,
+            at::Tensor(),
+            grad_lower,
+            grad_upper,
+            grad_log_scale,
+            at::Tensor(),
+            bias.has_value() ? grad_bias : at::Tensor(),
+            at::Tensor(),
+            input_shift.has_value() ? grad_shift : at::Tensor()};
   }
 };
 
 TensorPair lu_conv1x1_autograd(const at::Tensor& x, const at::Tensor& perm,
                                const at::Tensor& lower, const at::Tensor& upper,
                                const at::Tensor& log_scale, const at::Tensor& sign,
-                               const std::optional<at::Tensor>& bias, bool inverse) {
-  auto out = LuConv1x1Function::apply(x, perm, lower, upper, log_scale, sign, bias, inverse);
+                               const OptTensor& bias, bool inverse, const OptTensor& input_shift) {
+  auto out =
+      LuConv1x1Function::apply(x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift);
   return {out[0], out[1]};
 }
 

@@ -33,13 +33,14 @@ TORCH_LIBRARY(nflux, m) {
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lu_conv1x1(Tensor x, Tensor perm, Tensor lower, Tensor upper, Tensor log_scale, "
-      "Tensor sign, Tensor? bias, bool inverse) -> (Tensor y, Tensor logabsdet)",
+      "Tensor sign, Tensor? bias, bool inverse, Tensor? input_shift=None) -> (Tensor y, "
+      "Tensor logabsdet)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lu_conv1x1_backward(Tensor grad_y, Tensor grad_logabsdet, Tensor x, Tensor perm, "
-      "Tensor lower, Tensor upper, Tensor log_scale, Tensor sign, Tensor? bias, bool inverse) -> "
-      "(Tensor grad_x, Tensor grad_lower, Tensor grad_upper, Tensor grad_log_scale, "
-      "Tensor grad_bias)",
+      "Tensor lower, Tensor upper, Tensor log_scale, Tensor sign, Tensor? bias, bool inverse, "
+      "Tensor? input_shift=None) -> (Tensor grad_x, Tensor grad_lower, Tensor grad_upper, "
+      "Tensor grad_log_scale, Tensor grad_bias, Tensor grad_input_shift)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "masked_linear(Tensor input, Tensor weight, Tensor? bias, Tensor mask) -> Tensor",
