@@ -9,11 +9,13 @@ tensors leave the resident set).
 
   coupling: nflux.ops.affine_coupling(x, shift, logits) (scale="exp"); unfused is
             s = exp(logits); y = x * s + shift; lad = logits.flatten(1).sum(1) with autograd.
-  conv step: ActNorm + invertible 1x1 conv. nflux folds ActNorm into the LU factors
-            (fold_actnorm) and runs one lu_conv1x1; unfused is ActNorm in torch, W = P L U
+  conv step: ActNorm + invertible 1x1 conv. nflux (actnorm_lu_conv1x1) folds ActNorm's scale
+            into the LU factors and passes its bias as lu_conv1x1's input_shift: one op, one GEMM; unfused is ActNorm in torch, W = P L U
             built in torch, then conv2d (F.linear for tabular); inverse via torch.linalg.inv.
 
-    python benchmarks/bench_coupling.py [--device cpu] [--dtype float32] [--threads N]
+Times are the best of --rounds interleaved rounds (the impls take turns in every round).
+
+    python benchmarks/bench_coupling.py [--device cpu] [--dtype float32] [--threads N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -69,8 +71,7 @@ def step_inputs(shape, device, dtype, requires_grad):
 
 
 def step_nflux(x, perm, sign, lower, upper, ls, bias, an_ls, an_b, inverse):
-    up, lsf, bf = nflux.ops.fold_actnorm(perm, lower, upper, ls, sign, bias, an_ls, an_b)
-    return nflux.ops.lu_conv1x1(x, perm, lower, up, lsf, sign, bf, inverse=inverse)
+    return nflux.ops.actnorm_lu_conv1x1(x, perm, lower, upper, ls, sign, bias, an_ls, an_b, inverse=inverse)
 
 
 def _per_channel(v, x):
@@ -109,6 +110,11 @@ STEP = {"nflux": step_nflux, "reference": step_reference, "unfused": step_unfuse
 OPS = {"coupling": (COUPLING, coupling_inputs), "conv step": (STEP, step_inputs)}
 
 
+def _no_grad(impl, *args):
+    with torch.no_grad():
+        return impl(*args)
+
+
 def fwd_bwd(impl, tensors):
     y, lad = impl(*tensors, False)
     (y.sum() + lad.sum()).backward()
@@ -138,6 +144,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--rounds", type=int, default=60, help="interleaved timing rounds (best of)")
     parser.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -159,11 +166,18 @@ def main() -> None:
             with torch.no_grad():
                 y_inv = impls["nflux"](*plain, False)[0]
             times = {}
-            for name, impl in impls.items():
-                with torch.no_grad():
-                    times[(name, "forward")] = H.time_fn(lambda: impl(*plain, False), device=device)
-                    times[(name, "inverse")] = H.time_fn(lambda: impl(y_inv, *plain[1:], True), device=device)
-                times[(name, "forward+backward")] = H.time_fn(lambda: fwd_bwd(impl, grads), device=device)
+            # Interleaved rounds, best of each: every impl sees the same load drift.
+            for kind in ("forward", "inverse", "forward+backward"):
+                fns = {}
+                for name, impl in impls.items():
+                    if kind == "forward+backward":
+                        fns[name] = lambda impl=impl: fwd_bwd(impl, grads)
+                    elif kind == "forward":
+                        fns[name] = lambda impl=impl: _no_grad(impl, *plain, False)
+                    else:
+                        fns[name] = lambda impl=impl: _no_grad(impl, y_inv, *plain[1:], True)
+                for name, t in H.time_interleaved(fns, device=device, rounds=args.rounds, warmup=2).items():
+                    times[(name, kind)] = t
             peaks, kept = {}, {}
             if device == "cpu":
                 extra = ["--dtype", args.dtype, "--threads", str(torch.get_num_threads())]

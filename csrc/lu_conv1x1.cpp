@@ -22,9 +22,14 @@ struct Factors {
 
 Factors make_factors(const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& log_scale,
                      const at::Tensor& sign) {
-  const auto eye = at::eye(lower.size(0), lower.options());
+  // Fresh tensors written in place: fewer small kernels than eye + tril + add (this runs below
+  // autograd, called from the C++ autograd kernel).
   const auto diag = sign * at::exp(log_scale);
-  return {lower.tril(-1) + eye, upper.triu(1) + at::diag(diag), diag};
+  auto unit_lower = lower.tril(-1);
+  unit_lower.diagonal().fill_(1);
+  auto upper_diag = upper.triu(1);
+  upper_diag.diagonal().copy_(diag);
+  return {unit_lower, upper_diag, diag};
 }
 
 at::Tensor weight(const Factors& f, const at::Tensor& perm) {
@@ -69,31 +74,62 @@ at::Tensor row_logabsdet(const at::Tensor& x, const at::Tensor& log_scale, bool 
   return (log_scale.sum() * factor).expand({x.size(0)}).contiguous();
 }
 
+void check_input_shift(const std::optional<at::Tensor>& input_shift, const at::Tensor& x) {
+  if (!input_shift) return;
+  check_same_dtype_device(*input_shift, x, "input_shift", "x");
+  TORCH_CHECK(input_shift->dim() == 1 && input_shift->size(0) == x.size(1),
+              "nflux: input_shift must have shape [", x.size(1), "], got ", input_shift->sizes());
+}
+
+// y = W (x + input_shift) + bias = W x + (W input_shift + bias): the shift (ActNorm's bias, when
+// ActNorm's scale is folded into the LU factors) costs one [C] matrix-vector product.
+std::optional<at::Tensor> forward_offset(const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& input_shift) {
+  if (!input_shift) return bias;
+  return bias ? at::addmv(*bias, w, *input_shift) : at::mv(w, *input_shift);
+}
+
+// Inverse: x = W^-1 (y - bias) - input_shift = W^-1 y + c.
+std::optional<at::Tensor> inverse_offset(const at::Tensor& winv,
+                                         const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& input_shift) {
+  std::optional<at::Tensor> c;
+  if (bias) c = -at::mv(winv, *bias);
+  if (input_shift) c = c ? *c - *input_shift : -*input_shift;
+  return c;
+}
+
 std::tuple<at::Tensor, at::Tensor> lu_conv1x1(const at::Tensor& x, const at::Tensor& perm,
                                               const at::Tensor& lower, const at::Tensor& upper,
                                               const at::Tensor& log_scale, const at::Tensor& sign,
-                                              const std::optional<at::Tensor>& bias, bool inverse) {
+                                              const std::optional<at::Tensor>& bias, bool inverse,
+                                              const std::optional<at::Tensor>& input_shift) {
   check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias);
+  check_input_shift(input_shift, x);
   const auto f = make_factors(lower, upper, log_scale, sign);
   at::Tensor y;
   if (!inverse) {
-    y = mix(weight(f, perm), x, bias);
+    const auto w = weight(f, perm);
+    y = mix(w, x, forward_offset(w, bias, input_shift));
   } else {
-    // x = W^-1 (y - b) = W^-1 y + c, c = -W^-1 b: the subtraction rides in the GEMM.
+    // The subtractions ride in the GEMM as one offset.
     const auto winv = inverse_weight(f, perm);
-    std::optional<at::Tensor> c;
-    if (bias) c = -at::mv(winv, *bias);
-    y = mix(winv, x, c);
+    y = mix(winv, x, inverse_offset(winv, bias, input_shift));
   }
   return {y, row_logabsdet(x, log_scale, inverse)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lu_conv1x1_backward(
-    const at::Tensor& grad_y, const at::Tensor& grad_logabsdet, const at::Tensor& x,
-    const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
-    const at::Tensor& log_scale, const at::Tensor& sign, const std::optional<at::Tensor>& bias,
-    bool inverse) {
+using SixTensors =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+SixTensors lu_conv1x1_backward(const at::Tensor& grad_y, const at::Tensor& grad_logabsdet,
+                               const at::Tensor& x, const at::Tensor& perm,
+                               const at::Tensor& lower, const at::Tensor& upper,
+                               const at::Tensor& log_scale, const at::Tensor& sign,
+                               const std::optional<at::Tensor>& bias, bool inverse,
+                               const std::optional<at::Tensor>& input_shift) {
   check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias);
+  check_input_shift(input_shift, x);
   check_same_dtype_device(grad_y, x, "grad_y", "x");
   check_same_dtype_device(grad_logabsdet, x, "grad_logabsdet", "x");
   TORCH_CHECK(grad_y.sizes() == x.sizes(), "nflux: grad_y must have the shape of x ", x.sizes(),
@@ -104,31 +140,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lu_conv1x
   const auto f = make_factors(lower, upper, log_scale, sign);
   // Materialised once (an expanded gradient, as from y.sum(), would otherwise be copied twice).
   const auto gy = grad_y.contiguous();
-  at::Tensor grad_x, grad_w, grad_b;
+  const bool need_offset_grad = bias.has_value() || input_shift.has_value();
+  at::Tensor grad_x, grad_w, grad_b, grad_shift;
   if (!inverse) {
+    // y = W x + c, c = W s + b: dL/dc = sum of gy; dL/dW = gy x^T + dL/dc s^T; dL/ds = W^T dL/dc.
     const auto w = weight(f, perm);
     grad_x = mix(w.t(), gy, std::nullopt);
     grad_w = outer_sum(gy, x);
-    grad_b = channel_sum(gy);
+    if (need_offset_grad) grad_b = channel_sum(gy);
+    if (input_shift) {
+      grad_w.addr_(grad_b, *input_shift);
+      grad_shift = at::mv(w.t(), grad_b);
+    }
   } else {
-    // out = W^-1 (x - b): d out = -W^-1 dW out, so dL/dW = -(W^-T g) out^T.
+    // out = W^-1 (x - b) - s: d out = -W^-1 dW (out + s), so dL/dW = -(W^-T g)(out + s)^T.
     const auto winv = inverse_weight(f, perm);
     std::optional<at::Tensor> c;
     if (bias) c = -at::mv(winv, *bias);
-    const auto out = mix(winv, x, c);
+    const auto out = mix(winv, x, c);  // W^-1 (x - b), without the shift
     grad_x = mix(winv.t(), gy, std::nullopt);
     grad_w = -outer_sum(grad_x, out);
-    grad_b = -channel_sum(grad_x);
+    if (bias) grad_b = -channel_sum(grad_x);
+    if (input_shift) grad_shift = -channel_sum(gy);
   }
   // W = P M: rows of dL/dW go back to the rows of M they came from.
   const auto grad_m = at::empty_like(grad_w).index_copy_(0, perm, grad_w);
-  const auto grad_lower = at::mm(grad_m, f.upper_diag.t()).tril(-1);
-  const auto grad_upper_diag = at::mm(f.unit_lower.t(), grad_m);
+  const auto grad_lower = at::mm(grad_m, f.upper_diag.t()).tril_(-1);
+  auto grad_upper_diag = at::mm(f.unit_lower.t(), grad_m);
   const double lad_factor = static_cast<double>(pixels(x)) * (inverse ? -1.0 : 1.0);
   const auto grad_log_scale =
-      grad_upper_diag.diagonal() * f.diag + grad_logabsdet.sum() * lad_factor;
-  return {grad_x, grad_lower, grad_upper_diag.triu(1), grad_log_scale,
-          bias ? grad_b : at::empty({0}, x.options())};
+      (grad_upper_diag.diagonal() * f.diag).add_(grad_logabsdet.sum(), lad_factor);
+  const auto empty = at::empty({0}, x.options());
+  return {grad_x,
+          grad_lower,
+          grad_upper_diag.triu_(1),
+          grad_log_scale,
+          bias ? grad_b : empty,
+          input_shift ? grad_shift : empty};
 }
 
 }  // namespace

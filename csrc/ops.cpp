@@ -24,6 +24,8 @@ TORCH_LIBRARY(nflux, m) {
       "affine_coupling(Tensor x, Tensor shift, Tensor? scale_logits, int scale_kind, "
       "float? clamp, bool inverse) -> (Tensor y, Tensor logabsdet)",
       {at::Tag::pt2_compliant_tag});
+  // grad_shift is empty ([0]) for inverse=false: it equals grad_y, so it is neither computed
+  // nor stored (grad_scale_logits is empty for the additive coupling, scale_kind 0).
   m.def(
       "affine_coupling_backward(Tensor grad_y, Tensor grad_logabsdet, Tensor x, Tensor shift, "
       "Tensor? scale_logits, int scale_kind, float? clamp, bool inverse) -> (Tensor grad_x, "
@@ -31,13 +33,14 @@ TORCH_LIBRARY(nflux, m) {
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lu_conv1x1(Tensor x, Tensor perm, Tensor lower, Tensor upper, Tensor log_scale, "
-      "Tensor sign, Tensor? bias, bool inverse) -> (Tensor y, Tensor logabsdet)",
+      "Tensor sign, Tensor? bias, bool inverse, Tensor? input_shift=None) -> (Tensor y, "
+      "Tensor logabsdet)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lu_conv1x1_backward(Tensor grad_y, Tensor grad_logabsdet, Tensor x, Tensor perm, "
-      "Tensor lower, Tensor upper, Tensor log_scale, Tensor sign, Tensor? bias, bool inverse) -> "
-      "(Tensor grad_x, Tensor grad_lower, Tensor grad_upper, Tensor grad_log_scale, "
-      "Tensor grad_bias)",
+      "Tensor lower, Tensor upper, Tensor log_scale, Tensor sign, Tensor? bias, bool inverse, "
+      "Tensor? input_shift=None) -> (Tensor grad_x, Tensor grad_lower, Tensor grad_upper, "
+      "Tensor grad_log_scale, Tensor grad_bias, Tensor grad_input_shift)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "masked_linear(Tensor input, Tensor weight, Tensor? bias, Tensor mask) -> Tensor",

@@ -88,7 +88,7 @@ NFLUX_ROW_CLONES void backward_row(const scalar_t* __restrict g, acc glad, const
     const acc gv = BroadcastGrad ? g0 : static_cast<acc>(g[j]);
     if (Kind == kAdditive) {
       g_in[j] = static_cast<scalar_t>(gv);
-      g_shift[j] = static_cast<scalar_t>(Inverse ? -gv : gv);
+      if (Inverse) g_shift[j] = static_cast<scalar_t>(-gv);  // forward: grad_y itself, not written
       continue;
     }
     const auto sc = coupling::eval_scale<Kind, Clamped, acc>(static_cast<acc>(logits[j]), c, inv_c);
@@ -101,7 +101,6 @@ NFLUX_ROW_CLONES void backward_row(const scalar_t* __restrict g, acc glad, const
       g_logits[j] = static_cast<scalar_t>(coupling::inverse_grad_logit(sc, x_out, gv, glad));
     } else {
       g_in[j] = static_cast<scalar_t>(gv * sc.scale);
-      g_shift[j] = static_cast<scalar_t>(gv);
       g_logits[j] = static_cast<scalar_t>(coupling::forward_grad_logit(sc, v, gv, glad));
     }
   }
@@ -119,7 +118,7 @@ void backward_rows(const scalar_t* g, const scalar_t* gl, const scalar_t* in, co
       // The additive variant has no logits and no logits gradient: any row pointer will do.
       backward_row<Kind, Clamped, Inverse, BroadcastGrad>(
           BroadcastGrad ? g : g + o, static_cast<acc>(gl[b]), in + o, shift + o, logits + o,
-          g_in + o, g_shift + o, g_logits == nullptr ? g_in + o : g_logits + o, D, c, inv_c);
+          g_in + o, g_shift == nullptr ? g_in + o : g_shift + o, g_logits == nullptr ? g_in + o : g_logits + o, D, c, inv_c);
     }
   });
 }
@@ -175,7 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_backward_cpu(
   const at::Tensor gl = grad_logabsdet.contiguous();
   const at::Tensor sc = kind == kAdditive ? xc : logits->contiguous();
   const int64_t B = x.size(0), D = B == 0 ? 0 : x.numel() / B;
-  at::Tensor g_in = at::empty_like(xc), g_shift = at::empty_like(xc);
+  // Forward direction: grad_shift equals grad_y, so it is returned empty and not written.
+  at::Tensor g_in = at::empty_like(xc);
+  at::Tensor g_shift = inverse ? at::empty_like(xc) : at::empty({0}, x.options());
   at::Tensor g_logits = kind == kAdditive ? at::empty({0}, x.options()) : at::empty_like(xc);
   if (x.numel() == 0) return {g_in, g_shift, g_logits};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "affine_coupling_backward_cpu", [&] {
@@ -185,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_backward_cpu(
                       decltype(bg)::value, scalar_t>(
             g.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
             tc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), g_in.data_ptr<scalar_t>(),
-            g_shift.data_ptr<scalar_t>(),
+            inverse ? g_shift.data_ptr<scalar_t>() : nullptr,
             kind == kAdditive ? nullptr : g_logits.data_ptr<scalar_t>(), B, D,
             clamp.value_or(0.0));
       };

@@ -83,7 +83,7 @@ __global__ void backward_kernel(const T* __restrict__ g, const T* __restrict__ g
     const acc gv = load(g + (BroadcastGrad ? 0 : i));
     if (Kind == kAdditive) {
       store(g_in + i, gv);
-      store(g_shift + i, Inverse ? -gv : gv);
+      if (Inverse) store(g_shift + i, -gv);  // forward: grad_shift is grad_y, not written
       continue;
     }
     const acc glad = load(gl + i / D);
@@ -97,7 +97,6 @@ __global__ void backward_kernel(const T* __restrict__ g, const T* __restrict__ g
       store(g_logits + i, coupling::inverse_grad_logit(sc, x_out, gv, glad));
     } else {
       store(g_in + i, gv * sc.scale);
-      store(g_shift + i, gv);
       store(g_logits + i, coupling::forward_grad_logit(sc, v, gv, glad));
     }
   }

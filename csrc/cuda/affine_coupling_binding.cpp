@@ -68,13 +68,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_backward_cuda(
   const at::Tensor xc = x.contiguous(), tc = shift.contiguous();
   const at::Tensor sc = kind == 0 ? at::Tensor() : logits->contiguous();
   const int64_t B = x.size(0), D = B == 0 ? 0 : x.numel() / B;
-  at::Tensor g_in = at::empty_like(xc), g_shift = at::empty_like(xc);
+  // Forward direction: grad_shift equals grad_y, so it is returned empty and not written.
+  at::Tensor g_in = at::empty_like(xc);
+  at::Tensor g_shift = inverse ? at::empty_like(xc) : at::empty({0}, x.options());
   at::Tensor g_logits = kind == 0 ? at::empty({0}, x.options()) : at::empty_like(xc);
   if (x.numel() == 0) return {g_in, g_shift, g_logits};
   check_launch(cuda::affine_coupling_backward(
                    to_dtype(x.scalar_type()), g.data_ptr(), broadcast, gl.data_ptr(),
                    xc.data_ptr(), tc.data_ptr(), kind == 0 ? nullptr : sc.data_ptr(),
-                   g_in.data_ptr(), g_shift.data_ptr(),
+                   g_in.data_ptr(), inverse ? g_shift.data_ptr() : nullptr,
                    kind == 0 ? nullptr : g_logits.data_ptr(), B, D, static_cast<int>(kind),
                    clamp.value_or(0.0), inverse, c10::cuda::getCurrentCUDAStream()),
                "affine_coupling_backward");

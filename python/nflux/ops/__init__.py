@@ -5,12 +5,13 @@ Models and transforms call these functions, never torch.ops.nflux directly.
 
 from nflux.ops import reference
 from nflux.ops.coupling import affine_coupling
-from nflux.ops.lu_conv1x1 import fold_actnorm, lu_conv1x1
+from nflux.ops.lu_conv1x1 import actnorm_lu_conv1x1, fold_actnorm, lu_conv1x1
 from nflux.ops.made_inverse import autoregressive_transformer, made_inverse
 from nflux.ops.masked_linear import masked_linear
 from nflux.ops.rq_spline import rq_spline
 
 __all__ = [
+    "actnorm_lu_conv1x1",
     "affine_coupling",
     "autoregressive_transformer",
     "fold_actnorm",

@@ -43,19 +43,8 @@ def affine_coupling(
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, shift, logits, *options = inputs
-    ctx.save_for_backward(x, shift, logits)
-    ctx.options = options
-
-
-def _backward(ctx, grad_y, grad_logabsdet):
-    x, shift, logits = ctx.saved_tensors
-    # The kernel recomputes the scale from the saved inputs: nothing else was kept.
-    grad_x, grad_shift, grad_logits = torch.ops.nflux.affine_coupling_backward(
-        grad_y, grad_logabsdet, x, shift, logits, *ctx.options
-    )
-    return grad_x, grad_shift, (None if logits is None else grad_logits), None, None, None
+# The autograd kernel is in C++ (csrc/autograd.cpp): it saves only the inputs and calls
+# affine_coupling_backward, handing grad_y on as the shift's gradient in the forward direction.
 
 
 def _fake(x, shift, logits, kind, clamp, inverse):
@@ -64,7 +53,9 @@ def _fake(x, shift, logits, kind, clamp, inverse):
 
 def _fake_backward(grad_y, grad_lad, x, shift, logits, kind, clamp, inverse):
     grad_logits = x.new_empty(x.shape) if logits is not None else x.new_empty(0)
-    return x.new_empty(x.shape), x.new_empty(x.shape), grad_logits
+    # Forward direction: grad_shift is grad_y itself, returned empty by the kernels.
+    grad_shift = x.new_empty(x.shape) if inverse else x.new_empty(0)
+    return x.new_empty(x.shape), grad_shift, grad_logits
 
 
 def _front(t, dim, size):
@@ -86,17 +77,15 @@ def _vmap_backward(info, in_dims, grad_y, grad_lad, x, shift, logits, *options):
     size = info.batch_size
     moved = [_front(t, d, size) for t, d in zip((grad_y, grad_lad, x, shift, logits), in_dims)]
     grads = torch.ops.nflux.affine_coupling_backward(*moved, *options)
-    unflat = [g.view(size, -1, *g.shape[1:]) for g in grads[:2]]
-    if logits is None:
-        return (*unflat, grads[2]), (0, 0, None)
-    return (*unflat, grads[2].view(size, -1, *grads[2].shape[1:])), (0, 0, 0)
+    # The empty outputs (grad_shift forward, grad_logits additive) stay unbatched.
+    inverse = options[-1]
+    batched = (True, inverse, logits is not None)
+    out = tuple(g.view(size, -1, *g.shape[1:]) if b else g for g, b in zip(grads, batched))
+    return out, tuple(0 if b else None for b in batched)
 
 
 if _extension.loaded:
     torch.library.register_fake("nflux::affine_coupling")(_fake)
     torch.library.register_fake("nflux::affine_coupling_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "nflux::affine_coupling", _backward, setup_context=_setup_context
-    )
     torch.library.register_vmap("nflux::affine_coupling", _vmap)
     torch.library.register_vmap("nflux::affine_coupling_backward", _vmap_backward)

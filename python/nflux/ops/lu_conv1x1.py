@@ -23,23 +23,67 @@ def lu_conv1x1(
     bias: torch.Tensor | None = None,
     *,
     inverse: bool = False,
+    input_shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = W x + bias over the channels of `[B, C, H, W]` (or the features of `[B, C]`).
+    """y = W (x + input_shift) + bias over the channels of `[B, C, H, W]` (or the features of `[B, C]`).
 
     W = P (L + I)(U + diag(sign * exp(log_scale))), where L = tril(lower, -1),
     U = triu(upper, 1) (entries outside those triangles are ignored and get zero gradient) and
     P = I[perm] for an int64 permutation `perm` of range(C), so (P A) = A[perm]. `perm` and
     `sign` are fixed buffers (no gradient). The inverse, x = W^-1 (y - bias), uses two
-    triangular solves to build W^-1, never a general inverse.
+    triangular solves to build W^-1, never a general inverse. `input_shift` ([C], optional) is
+    added to x before the mixing (ActNorm's bias; see `actnorm_lu_conv1x1`) at the cost of one
+    [C] matrix-vector product: it rides in the GEMM's bias (inverse: x = W^-1 (y - bias) - shift).
 
     Returns:
         `(y, logabsdet)`; logabsdet is `[B]`, H*W*sum(log_scale) (negated for `inverse=True`).
     """
     check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
+    if input_shift is not None:
+        check_like(input_shift, x, "input_shift", "x")
+        if tuple(input_shift.shape) != (x.shape[1],):
+            raise ValueError(f"nflux: input_shift must have shape [{x.shape[1]}], got {list(input_shift.shape)}")
     if _extension.loaded:
-        return torch.ops.nflux.lu_conv1x1(x, perm, lower, upper, log_scale, sign, bias, bool(inverse))
+        return torch.ops.nflux.lu_conv1x1(
+            x, perm, lower, upper, log_scale, sign, bias, bool(inverse), input_shift
+        )
     _extension.warn_fallback("lu_conv1x1", x.device)
-    return reference.lu_conv1x1(x, perm, lower, upper, log_scale, sign, bias, inverse=inverse)
+    return reference.lu_conv1x1(
+        x, perm, lower, upper, log_scale, sign, bias, inverse=inverse, input_shift=input_shift
+    )
+
+
+def actnorm_lu_conv1x1(
+    x: torch.Tensor,
+    perm: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    log_scale: torch.Tensor,
+    sign: torch.Tensor,
+    bias: torch.Tensor | None,
+    actnorm_log_scale: torch.Tensor,
+    actnorm_bias: torch.Tensor,
+    *,
+    inverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Glow step's ActNorm then invertible 1x1 conv, y = W a(x) + bias with
+    a(x) = exp(actnorm_log_scale) * (x + actnorm_bias), as one lu_conv1x1 call (one GEMM).
+
+    ActNorm's scale folds into the LU factors (the columns of U and log_scale, two [C]-sized
+    ops) and its bias is the op's input_shift, so the data is touched once each way and no
+    [C, C] weight is built outside the op. logabsdet includes ActNorm's; `inverse=True` undoes
+    both (x = a^-1(W^-1 (y - bias))).
+    """
+    check_floating(actnorm_log_scale, "actnorm_log_scale")
+    check_like(actnorm_bias, actnorm_log_scale, "actnorm_bias", "actnorm_log_scale")
+    C = lower.shape[0]
+    for name, t in (("actnorm_log_scale", actnorm_log_scale), ("actnorm_bias", actnorm_bias)):
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"nflux: {name} must have shape [{C}], got {list(t.shape)}")
+    return lu_conv1x1(
+        x, perm, lower, upper * torch.exp(actnorm_log_scale), log_scale + actnorm_log_scale, sign,
+        bias, inverse=inverse, input_shift=actnorm_bias,
+    )
 
 
 def fold_actnorm(
@@ -68,31 +112,21 @@ def fold_actnorm(
             raise ValueError(f"nflux: {name} must have shape [{C}], got {list(t.shape)}")
     folded_upper = upper * torch.exp(actnorm_log_scale)
     folded_log_scale = log_scale + actnorm_log_scale
-    w = reference.lu_weight(perm, lower, folded_upper, folded_log_scale, sign)
-    folded_bias = w @ actnorm_bias
-    return folded_upper, folded_log_scale, folded_bias if bias is None else folded_bias + bias
+    # bias' = W' actnorm_bias + bias is the op itself applied to the one row actnorm_bias: one
+    # call (and one backward node) instead of building W' from a dozen small autograd ops.
+    folded_bias, _ = lu_conv1x1(actnorm_bias[None], perm, lower, folded_upper, folded_log_scale, sign, bias)
+    return folded_upper, folded_log_scale, folded_bias[0]
 
 
-def _setup_context(ctx, inputs, output):
-    x, perm, lower, upper, log_scale, sign, bias, inverse = inputs
-    ctx.save_for_backward(x, perm, lower, upper, log_scale, sign, bias)
-    ctx.inverse = inverse
+# The autograd kernel is in C++ (csrc/autograd.cpp): it saves the inputs and calls
+# lu_conv1x1_backward.
 
 
-def _backward(ctx, grad_y, grad_logabsdet):
-    x, perm, lower, upper, log_scale, sign, bias = ctx.saved_tensors
-    grad_x, grad_lower, grad_upper, grad_log_scale, grad_bias = torch.ops.nflux.lu_conv1x1_backward(
-        grad_y, grad_logabsdet, x, perm, lower, upper, log_scale, sign, bias, ctx.inverse
-    )
-    grad_bias = None if bias is None else grad_bias
-    return grad_x, None, grad_lower, grad_upper, grad_log_scale, None, grad_bias, None
-
-
-def _fake(x, perm, lower, upper, log_scale, sign, bias, inverse):
+def _fake(x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift=None):
     return x.new_empty(x.shape), x.new_empty(x.shape[:1])
 
 
-def _fake_backward(grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias, inverse):
+def _fake_backward(grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift=None):
     C = lower.shape[0]
     return (
         x.new_empty(x.shape),
@@ -100,10 +134,10 @@ def _fake_backward(grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bia
         x.new_empty(C, C),
         x.new_empty(C),
         x.new_empty(C) if bias is not None else x.new_empty(0),
+        x.new_empty(C) if input_shift is not None else x.new_empty(0),
     )
 
 
 if _extension.loaded:
     torch.library.register_fake("nflux::lu_conv1x1")(_fake)
     torch.library.register_fake("nflux::lu_conv1x1_backward")(_fake_backward)
-    torch.library.register_autograd("nflux::lu_conv1x1", _backward, setup_context=_setup_context)

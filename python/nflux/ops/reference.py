@@ -147,9 +147,17 @@ def lu_conv1x1(
     bias: torch.Tensor | None = None,
     *,
     inverse: bool = False,
+    input_shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Invertible 1x1 convolution / LU linear layer; see nflux.ops.lu_conv1x1."""
     check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
+    if input_shift is not None:
+        check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, input_shift)
+        s = input_shift if x.dim() == 2 else input_shift[:, None, None]
+        if inverse:
+            out, lad = lu_conv1x1(x, perm, lower, upper, log_scale, sign, bias, inverse=True)
+            return out - s, lad
+        return lu_conv1x1(x + s, perm, lower, upper, log_scale, sign, bias)
     w = lu_weight(perm, lower, upper, log_scale, sign)
     pixels = 1 if x.dim() == 2 else x.shape[2] * x.shape[3]
     b = None if bias is None else (bias if x.dim() == 2 else bias[:, None, None])
