@@ -62,6 +62,26 @@ void run_backward(const RqSplineCall<scalar_t>& call, int64_t n) {
   });
 }
 
+// The inputs and options both directions share; each caller adds its output pointers.
+template <typename scalar_t>
+RqSplineCall<scalar_t> inputs_call(const at::Tensor& x, const at::Tensor& uw, const at::Tensor& uh,
+                                   const at::Tensor& ud, int64_t K, bool inverse,
+                                   double tail_bound, double min_bin_width, double min_bin_height,
+                                   double min_derivative) {
+  RqSplineCall<scalar_t> call{};
+  call.x = x.data_ptr<scalar_t>();
+  call.uw = uw.data_ptr<scalar_t>();
+  call.uh = uh.data_ptr<scalar_t>();
+  call.ud = ud.data_ptr<scalar_t>();
+  call.K = K;
+  call.inverse = inverse;
+  call.tail_bound = tail_bound;
+  call.min_bin_width = min_bin_width;
+  call.min_bin_height = min_bin_height;
+  call.min_derivative = min_derivative;
+  return call;
+}
+
 std::tuple<at::Tensor, at::Tensor> rq_spline_cpu(const at::Tensor& inputs,
                                                  const at::Tensor& widths,
                                                  const at::Tensor& heights,
@@ -80,19 +100,10 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_cpu(const at::Tensor& inputs,
   if (n == 0) return {out, logabsdet};
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rq_spline_cpu", [&] {
-    RqSplineCall<scalar_t> call{};
-    call.x = x.data_ptr<scalar_t>();
-    call.uw = uw.data_ptr<scalar_t>();
-    call.uh = uh.data_ptr<scalar_t>();
-    call.ud = ud.data_ptr<scalar_t>();
+    auto call = inputs_call<scalar_t>(x, uw, uh, ud, K, inverse, tail_bound, min_bin_width,
+                                      min_bin_height, min_derivative);
     call.y = out.data_ptr<scalar_t>();
     call.lad = logabsdet.data_ptr<scalar_t>();
-    call.K = K;
-    call.inverse = inverse;
-    call.tail_bound = tail_bound;
-    call.min_bin_width = min_bin_width;
-    call.min_bin_height = min_bin_height;
-    call.min_derivative = min_derivative;
     run_forward(call, n);
   });
   return {out, logabsdet};
@@ -124,23 +135,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rq_spline_backward_cp
   if (n == 0) return {gx, gw, gh, gd};
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rq_spline_backward_cpu", [&] {
-    RqSplineCall<scalar_t> call{};
-    call.x = x.data_ptr<scalar_t>();
-    call.uw = uw.data_ptr<scalar_t>();
-    call.uh = uh.data_ptr<scalar_t>();
-    call.ud = ud.data_ptr<scalar_t>();
+    auto call = inputs_call<scalar_t>(x, uw, uh, ud, K, inverse, tail_bound, min_bin_width,
+                                      min_bin_height, min_derivative);
     call.g_out = go.data_ptr<scalar_t>();
     call.g_lad = gl.data_ptr<scalar_t>();
     call.g_x = gx.data_ptr<scalar_t>();
     call.g_uw = gw.data_ptr<scalar_t>();
     call.g_uh = gh.data_ptr<scalar_t>();
     call.g_ud = gd.data_ptr<scalar_t>();
-    call.K = K;
-    call.inverse = inverse;
-    call.tail_bound = tail_bound;
-    call.min_bin_width = min_bin_width;
-    call.min_bin_height = min_bin_height;
-    call.min_derivative = min_derivative;
     run_backward(call, n);
   });
   return {gx, gw, gh, gd};
