@@ -1,0 +1,245 @@
+"""The `nflux` command (also `python -m nflux`): train, evaluate and sample flows.
+
+User errors (bad arguments, missing files, unknown dataset or model, corrupt or mismatched
+checkpoints) print one line `nflux: error: ...` to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+USAGE = """\
+examples:
+  nflux train nsf --data moons                 # ~1 min on 2 CPU cores; writes runs/nsf-moons/
+  nflux train maf --data wine --steps 3000 --hidden 64 64 --out runs/wine
+  nflux train nsf --data moons --steps 5000 --resume   # continue from the last checkpoint
+  nflux eval runs/nsf-moons                    # test NLL (nats, data units) of the best weights
+  nflux sample runs/nsf-moons -n 5000 --out s.npy   # .npy (data units) or .png
+  nflux sample runs/nsf-moons -n 2000 --temperature 0.8 --out s.png
+  nflux datasets                               # registered data sets
+  nflux info                                   # version, compiled kernels, CUDA
+
+models: nice, realnvp, glow, maf, iaf, nsf (coupling spline), nsf-ar (autoregressive spline).
+A run directory holds config.json (with the data standardiser), metrics.jsonl, metrics.json,
+best.safetensors, checkpoints/, samples.png and loss.png.
+
+--temperature T scales the standard deviation of the base Gaussian sample by T before it is
+mapped through the flow (T < 1: samples concentrated on high-density regions; T = 1: the
+model's distribution).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would also print the usage)
+        print(f"nflux: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nflux.training.trainer import DEFAULTS, MODELS
+
+    p = _Parser(prog="nflux", description="Normalizing flows on fused C++/CUDA torch operators.",
+                epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a flow on a data set", epilog=USAGE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help=f"one of {', '.join(MODELS)} (default {DEFAULTS['model']})")
+    t.add_argument("--data", help=f"data set name or .npy/.csv path (default {DEFAULTS['data']})")
+    t.add_argument("--data-root", dest="data_root", help="directory of the UCI benchmark files")
+    t.add_argument("--steps", type=_positive_int, help=f"optimizer steps (default {DEFAULTS['steps']})")
+    t.add_argument("--batch", type=_positive_int, help=f"batch size (default {DEFAULTS['batch']})")
+    t.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default {DEFAULTS['lr']})")
+    t.add_argument("--layers", type=_positive_int, help="flow layers (default: the model's)")
+    t.add_argument("--hidden", type=_positive_int, nargs="+", help="hidden widths, e.g. --hidden 64 64")
+    t.add_argument("--bins", type=_positive_int, help="spline bins (nsf, nsf-ar)")
+    t.add_argument("--val-every", dest="val_every", type=_positive_int, help="steps between validations")
+    t.add_argument("--checkpoint-every", dest="checkpoint_every", type=_positive_int,
+                   help="steps between checkpoints")
+    t.add_argument("--log-every", dest="log_every", type=_positive_int, help="steps between log lines")
+    t.add_argument("--patience", type=_nonneg_int, help="validations without improvement before stopping (0: off)")
+    t.add_argument("--out", help="run directory (default runs/<model>-<data>)")
+    t.add_argument("--device", help="cpu or cuda (default cpu)")
+    t.add_argument("--seed", type=_nonneg_int, help="seed of the data split, init and batches (default 0)")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    t.add_argument("--config", help="JSON file of config keys (flags given on the command line win)")
+    t.add_argument("--stop-after", dest="stop_after", type=_positive_int,
+                   help="stop (checkpointed) after this step, as if interrupted; the schedule still spans --steps")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+
+    e = sub.add_parser("eval", help="test NLL of a trained run")
+    e.add_argument("dir", metavar="DIR", help="run directory")
+    e.add_argument("--data", help="evaluate on another data set of the same shape")
+    e.add_argument("--device", default="cpu")
+
+    s = sub.add_parser("sample", help="draw samples from a trained run", epilog=USAGE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("dir", metavar="DIR", help="run directory")
+    s.add_argument("-n", type=_positive_int, default=1000, help="number of samples (default 1000)")
+    s.add_argument("--out", help="output .npy (data units) or .png (default DIR/samples-N.npy)")
+    s.add_argument("--temperature", type=_positive_float, default=1.0,
+                   help="scale of the base sample's std (default 1.0)")
+    s.add_argument("--seed", type=_nonneg_int, default=0)
+    s.add_argument("--device", default="cpu")
+
+    sub.add_parser("datasets", help="list the registered data sets")
+    sub.add_parser("info", help="build information: version, kernels, CUDA")
+    return p
+
+
+_TRAIN_KEYS = ("data", "data_root", "steps", "batch", "lr", "layers", "hidden", "bins", "val_every",
+               "checkpoint_every", "log_every", "patience", "out", "device", "seed", "stop_after")
+
+
+def _cmd_train(args) -> int:
+    from nflux.training.trainer import ConfigError, train
+
+    config: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        try:
+            config = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"config file {path} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object")
+    cli = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k) is not None}
+    if args.model is not None:
+        cli["model"] = args.model
+    if args.resume:
+        # The run's own config, then the config file, then the flags.
+        out = cli.get("out") or config.get("out")
+        if out is None:
+            model = cli.get("model", config.get("model", "nsf")).lower()
+            data = cli.get("data", config.get("data", "moons"))
+            out = os.path.join("runs", f"{model}-{os.path.basename(os.path.normpath(str(data)))}")
+        saved_path = Path(out) / "config.json"
+        if saved_path.is_file():
+            saved = json.loads(saved_path.read_text())
+            saved = {k: v for k, v in saved.items() if k not in ("standardizer", "model_kwargs", "dataset",
+                                                                  "nflux_version", "stop_after")}
+            config = {**saved, **config}
+        config["out"] = out
+    config = {**config, **cli}
+    for key in ("standardizer", "model_kwargs", "dataset", "nflux_version"):
+        config.pop(key, None)
+    metrics = train(config, resume=args.resume, quiet=args.quiet)
+    return 0 if metrics else 1
+
+
+def _cmd_eval(args) -> int:
+    from nflux.training.trainer import evaluate
+
+    result = evaluate(args.dir, data=args.data, device=args.device)
+    path = Path(args.dir) / "eval.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"test nll {result['test_nll_nats']:.6f} nats on {result['data']} ({result['n_test']} examples); "
+          f"wrote {path}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    import numpy as np
+
+    from nflux.training.trainer import plot_samples, sample_run
+
+    out = Path(args.out) if args.out else Path(args.dir) / f"samples-{args.n}.npy"
+    if out.suffix.lower() not in (".npy", ".png"):
+        raise ValueError(f"--out must end in .npy or .png, got {str(out)!r}")
+    x, _ = sample_run(args.dir, args.n, temperature=args.temperature, seed=args.seed, device=args.device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".npy":
+        np.save(out, x.numpy())
+    else:
+        try:
+            plot_samples(None, x, out)
+        except ImportError:
+            raise ValueError("writing .png needs matplotlib: pip install matplotlib") from None
+    print(f"wrote {args.n} samples ({x.shape[1]} dims, data units) to {out}")
+    return 0
+
+
+def _cmd_datasets(args) -> int:
+    from nflux.data import available
+
+    names = available()
+    width = max(map(len, names))
+    for name, desc in names.items():
+        print(f"{name:<{width}}  {desc}")
+    print("or a path to a .npy/.csv file (N x D)")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    import nflux
+
+    for k, v in nflux.build_info().items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from nflux.data import DatasetError
+    from nflux.training.checkpoint import CheckpointError
+    from nflux.training.nonfinite import NonFiniteLossError
+
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "datasets": _cmd_datasets,
+                "info": _cmd_info}
+    try:
+        return commands[args.command](args)
+    except (DatasetError, CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"nflux: error: {msg}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"nflux: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nflux: interrupted (resume from the last checkpoint with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

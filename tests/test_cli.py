@@ -1,0 +1,152 @@
+"""The `nflux` command line: train / eval / sample / datasets / info, resume, user errors.
+
+Runs are tiny (a few dozen steps, small nets) and single-threaded so that a resumed run can
+be compared bitwise with an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nflux.cli import main
+
+TINY = ["--layers", "2", "--hidden", "16", "16", "--batch", "64", "--val-every", "10",
+        "--checkpoint-every", "10", "--log-every", "10", "--quiet"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def nflux(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "nflux", *map(str, args)], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"nflux {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "nsf-moons"
+    nflux("train", "nsf", "--data", "moons", "--steps", 30, "--out", out, *TINY)
+    return out
+
+
+def test_train_writes_all_files(run):
+    for name in ("config.json", "metrics.jsonl", "metrics.json", "best.safetensors", "samples.png", "loss.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "checkpoints").glob("step-*.json"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert math.isfinite(metrics["test_nll_nats"]) and metrics["steps"] == 30
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30]
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) and r["steps_per_s"] > 0 for r in rows)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "nsf" and len(config["standardizer"]["mean"]) == 2
+
+
+def test_eval_reproduces_test_nll(run):
+    stored = json.loads((run / "metrics.json").read_text())["test_nll_nats"]
+    assert main(["eval", str(run)]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["test_nll_nats"] == pytest.approx(stored, abs=1e-6)
+
+
+def test_sample_npy_and_png(run, tmp_path):
+    assert main(["sample", str(run), "-n", "300", "--out", str(tmp_path / "s.npy")]) == 0
+    x = np.load(tmp_path / "s.npy")
+    assert x.shape == (300, 2) and np.isfinite(x).all()
+    # Data units: moons live roughly in [-1.5, 2.5] x [-1, 1.5], not standardised.
+    assert abs(x.mean(0)[0] - 0.5) < 1.0
+    assert main(["sample", str(run), "-n", "200", "--temperature", "0.5", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    common = ["maf", "--data", "iris", "--steps", 30, *TINY]
+    full, part = tmp_path / "full", tmp_path / "part"
+    nflux("train", *common, "--out", full)
+    nflux("train", *common, "--out", part, "--stop-after", 13)
+    assert not (part / "metrics.json").exists()
+    nflux("train", *common, "--out", part, "--resume")
+    for name in ("best.safetensors", "checkpoints/step-00000030.safetensors"):
+        a, b = load_file(full / name), load_file(part / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{name}:{k}")
+    m_full = json.loads((full / "metrics.json").read_text())
+    m_part = json.loads((part / "metrics.json").read_text())
+    assert m_part["test_nll_nats"] == pytest.approx(m_full["test_nll_nats"], abs=1e-6)
+    steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no duplicated log lines after resuming
+    assert (part / "samples.png").is_file()  # tabular pair plot
+
+
+def _one_line_error(code, err):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nflux: error: "), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "flowy", "--data", "moons"], "unknown model"),
+    (["train", "nsf", "--data", "moonz"], "unknown dataset"),
+    (["train", "nsf", "--data", "digits"], "image"),
+    (["train", "nsf", "--steps", "0"], "positive integer"),
+    (["eval", "/nonexistent/run"], "does not exist"),
+    (["sample", "/nonexistent/run", "-n", "5"], "does not exist"),
+    (["train", "nsf", "--config", "/nonexistent/config.json"], "not found"),
+])
+def test_user_errors_exit_2(argv, needle, capsys, tmp_path):
+    if argv[0] == "train":
+        argv = argv + ["--out", str(tmp_path / "r")]
+    code = _main(argv)
+    err = capsys.readouterr().err
+    _one_line_error(code, err)
+    assert needle in err, err
+
+
+def _main(argv):
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse errors
+        return e.code
+
+
+def test_corrupt_checkpoint_exits_2(run, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    (bad / "best.safetensors").write_bytes(b"not a safetensors file")
+    proc = nflux("eval", bad, check=False)
+    _one_line_error(proc.returncode, proc.stderr)
+    # Checkpoints only, all corrupt.
+    (bad / "best.safetensors").unlink()
+    for f in (bad / "checkpoints").glob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    assert main(["eval", str(bad)]) == 2
+
+
+def test_mismatched_checkpoint_exits_2(run, tmp_path, capsys):
+    bad = tmp_path / "mismatch"
+    shutil.copytree(run, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["model_kwargs"]["hidden"] = [8, 8]
+    (bad / "config.json").write_text(json.dumps(config))
+    _one_line_error(main(["eval", str(bad)]), capsys.readouterr().err)
+
+
+def test_datasets_and_info(capsys):
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "moons" in out and "iris" in out
+    assert main(["info"]) == 0
+    assert "version" in capsys.readouterr().out
