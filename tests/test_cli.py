@@ -150,3 +150,29 @@ def test_datasets_and_info(capsys):
     assert "moons" in out and "iris" in out
     assert main(["info"]) == 0
     assert "version" in capsys.readouterr().out
+
+
+def test_resume_extends_a_finished_run(run, tmp_path, capsys):
+    """`train --steps k` then `train --steps N --resume` continues to N (the schedule then
+    follows the longer cosine, so this is not bitwise an N-step run; --stop-after is)."""
+    longer = tmp_path / "longer"
+    shutil.copytree(run, longer)
+    assert main(["train", "--out", str(longer), "--steps", "40", "--resume", "--quiet"]) == 0
+    metrics = json.loads((longer / "metrics.json").read_text())
+    assert metrics["steps"] == 40 and math.isfinite(metrics["test_nll_nats"])
+    assert json.loads((longer / "config.json").read_text())["model"] == "nsf"  # the run's own config
+
+
+def test_resume_errors_exit_2(run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    # Another model over the same checkpoints: the checkpoint does not match.
+    code = _main(["train", "realnvp", "--out", str(copy), "--resume", "--quiet"])
+    err = capsys.readouterr().err
+    _one_line_error(code, err)
+    assert "does not match" in err
+    # Existing checkpoints without --resume: refuse to overwrite.
+    code = _main(["train", "nsf", "--data", "moons", "--out", str(copy), "--quiet"])
+    err = capsys.readouterr().err
+    _one_line_error(code, err)
+    assert "--resume" in err

@@ -9,13 +9,14 @@ What a run does, in order:
   `config.json`, so that `sample` returns data units and every reported NLL is in data units
   (the standardiser's constant log|det| is added back);
 - builds the model (nice, realnvp, glow, maf, iaf, nsf, nsf-ar) with `torch.manual_seed(seed)`;
-- trains with Adam and a cosine learning-rate schedule over `steps`, batches drawn with
+- trains with Adam and a cosine learning-rate schedule over `steps` (closed form, so a run
+  resumed with a larger `steps` follows the longer schedule from there), batches drawn with
   replacement from a `torch.Generator` seeded by `seed`, gradient clipping, and a
   `NonFiniteGuard` that skips steps whose loss or gradient norm is NaN/inf;
 - every `val_every` steps evaluates the validation NLL; the best state is kept in
   `best.safetensors`; after `patience` evaluations without improvement it stops early;
 - every `checkpoint_every` steps (and at the end) writes a checkpoint (model, optimizer,
-  schedule, guard, early-stopping state, every RNG including the data generator) under
+  guard, early-stopping state, every RNG including the data generator) under
   `checkpoints/`; `resume=True` continues from the newest one, so the final parameters are
   those of an uninterrupted run;
 - writes `config.json`, `metrics.jsonl` (one line per logged step), `metrics.json` (final
@@ -268,7 +269,14 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) 
     model = build_model(config["model"], features, **record["model_kwargs"]).to(device)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["steps"])
+    base_lr, total = config["lr"], config["steps"]
+
+    def set_lr(step: int) -> None:
+        # Closed-form cosine over `steps` (no scheduler state): a run resumed with a larger
+        # --steps continues on the longer schedule instead of a stale recursive one.
+        for group in optimizer.param_groups:
+            group["lr"] = 0.5 * base_lr * (1 + math.cos(math.pi * min(step, total) / total))
+
     data_gen = torch.Generator().manual_seed(config["seed"])
     guard = NonFiniteGuard(config["max_nonfinite"])
     state = {"best_val": None, "best_step": 0, "bad_evals": 0, "stopped_early": False}
@@ -278,7 +286,6 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) 
         restore(ckpt, model, optimizer, generators={"data": data_gen})
         meta = ckpt.meta
         try:
-            schedule.load_state_dict({**meta["schedule"], "T_max": config["steps"]})
             guard.load_state_dict(meta["guard"])
             state.update(meta["early_stopping"])
         except (KeyError, TypeError, ValueError) as e:
@@ -293,7 +300,7 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) 
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def checkpoint(step: int) -> None:
-        meta = {"schedule": schedule.state_dict(), "guard": guard.state_dict(), "early_stopping": dict(state),
+        meta = {"guard": guard.state_dict(), "early_stopping": dict(state),
                 "config": record}
         save_checkpoint(ckpt_dir, step, model, optimizer, capture_rng_state({"data": data_gen}), meta)
 
@@ -311,7 +318,6 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) 
                 state["stopped_early"] = True
         return val
 
-    total = config["steps"]
     end = total if config["stop_after"] is None else min(total, config["stop_after"])
     progress = _Progress(total, config["log_every"], stream=open(os.devnull, "w") if quiet else None)
     params = [p for p in model.parameters()]
@@ -327,8 +333,8 @@ def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) 
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, config["grad_clip"]) if config["grad_clip"] else None
             if guard.check(loss, norm, step=step):
+                set_lr(step - 1)
                 optimizer.step()
-            schedule.step()
             loss_v = float(loss.detach()) - std.logabsdet()  # data units
             val = validate(step) if (step % config["val_every"] == 0 or step == total) else None
             now = time.perf_counter()
