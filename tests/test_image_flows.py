@@ -87,18 +87,17 @@ def test_transform_jacobian_and_round_trip(name, shape):
     torch.testing.assert_close(lad_inv, -lad)
 
 
-def _models(shape):
-    return {
-        "realnvp": nflux.RealNVP.image(shape, levels=2, hidden=8, blocks=1),
-        "glow": nflux.Glow.image(shape, levels=2, steps=2, hidden=8),
-        "glow_unfused": nflux.Glow.image(shape, levels=2, steps=1, hidden=8, fused=False),
-    }
+MODELS = {
+    "realnvp": lambda shape, **kw: nflux.RealNVP.image(shape, levels=2, hidden=8, blocks=1, **kw),
+    "glow": lambda shape, **kw: nflux.Glow.image(shape, levels=2, steps=2, hidden=8, **kw),
+    "glow_unfused": lambda shape, **kw: nflux.Glow.image(shape, levels=2, steps=1, hidden=8, fused=False, **kw),
+}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", ["realnvp", "glow", "glow_unfused"])
 def test_model_jacobian_round_trip_and_log_prob(name, shape):
-    flow = perturb(_models(shape)[name].double().eval(), 0.1)
+    flow = perturb(MODELS[name](shape).double().eval(), 0.1)
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     z, lad = flow.transform(x)
     D = math.prod(shape)
@@ -203,7 +202,8 @@ def test_digits_train_step():
 @pytest.mark.parametrize("name", ["glow", "realnvp"])
 def test_compile_fullgraph(name):
     shape = (1, 4, 4)
-    flow = _models(shape)[name].train()
+    # RealNVP without its ActNorms keeps the compile short; Glow's cover the data init.
+    flow = (MODELS[name](shape, actnorm=False) if name == "realnvp" else MODELS[name](shape)).train()
     x = torch.rand(4, *shape)
 
     def loss(x):
