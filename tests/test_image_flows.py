@@ -214,3 +214,17 @@ def test_compile_fullgraph(name):
     got.backward()
     flow.eval()
     torch.testing.assert_close(compiled(x), loss(x))
+
+
+def test_state_dict_and_dist():
+    flow = MODELS["glow"]((1, 4, 4)).train()
+    x = torch.rand(8, 1, 4, 4)
+    flow.log_prob(x)  # data init
+    flow.eval()
+    other = MODELS["glow"]((1, 4, 4))
+    other.load_state_dict(flow.state_dict())
+    other.eval()
+    torch.testing.assert_close(other.log_prob(x), flow.log_prob(x))
+    d = flow.dist()
+    assert d.event_shape == (1, 4, 4) and d.sample((3,)).shape == (3, 1, 4, 4)
+    torch.testing.assert_close(d.log_prob(x), flow.log_prob(x))

@@ -80,6 +80,12 @@ class ImageFlow(Flow):
     def rsample(self, sample_shape=(), context=None, *, temperature: float = 1.0) -> torch.Tensor:
         return self._draw(sample_shape, context, temperature)[0]
 
+    def dist(self, context: torch.Tensor | None = None):
+        """This flow as a `torch.distributions.Distribution` with event shape (C, H, W)."""
+        d = super().dist(context)
+        d._event_shape = torch.Size(self.shape)
+        return d
+
     def dequantize(self, x: torch.Tensor, noise: bool | None = None) -> torch.Tensor:
         """Integer images (0..levels-1) -> [0, 1) with uniform noise (see `Dequantize`)."""
         return self.dequantizer(x, noise)

@@ -259,7 +259,8 @@ class MultiScale(Transform):
     `FactorOut`) splits off its factored channels as eps_i (standardised by the learned prior)
     and the kept channels enter scale i + 1. The output is cat(eps_0.flatten(1), ...,
     h_last.flatten(1)), to be matched with a standard normal base. The image shape at each
-    point is traced at construction from `shape`, so the inverse splits the vector statically.
+    point is traced at construction from `shape`, so the inverse splits the vector statically;
+    the trace assumes that only `Squeeze` (possibly inside nested `Compose`s) changes shapes.
     """
 
     def __init__(self, shape: Sequence[int], scales: Sequence[nn.Module], factors: Sequence[FactorOut]):
