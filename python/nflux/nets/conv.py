@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 
 
-class _Heads(nn.Module):
-    """A zero-initialised 3x3 conv whose output channels are split into contiguous heads."""
+class ZeroConvHeads(nn.Module):
+    """One zero-initialised 3x3 conv per head: `forward` returns a tuple of contiguous outputs
+    with `out_channels[i]` channels each (the last layer of every image conditioner)."""
 
     def __init__(self, in_channels: int, out_channels: Sequence[int]):
         super().__init__()
@@ -37,7 +37,7 @@ class GlowConv(nn.Module):
             nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(),
             nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
         )
-        self.head = _Heads(hidden, out_channels)
+        self.head = ZeroConvHeads(hidden, out_channels)
 
     def forward(self, x):
         return self.head(self.body(x))
@@ -67,7 +67,7 @@ class ResNetConv(nn.Module):
             *[_ResBlock(hidden) for _ in range(blocks)],
             nn.ReLU(),
         )
-        self.head = _Heads(hidden, out_channels)
+        self.head = ZeroConvHeads(hidden, out_channels)
 
     def forward(self, x):
         return self.head(self.body(x))

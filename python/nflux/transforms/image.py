@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from nflux import ops
-from nflux.nets.conv import GlowConv, ResNetConv, _Heads
+from nflux.nets.conv import GlowConv, ResNetConv, ZeroConvHeads
 from nflux.transforms.base import Compose, Transform
 from nflux.transforms.linear import LULinear
 from nflux.transforms.normalization import ActNorm
@@ -227,7 +227,7 @@ class FactorOut(Transform):
         if self.kept < 1 or self.factored < 1:
             raise ValueError(f"nflux: FactorOut needs 1 <= factored < channels, got {self.factored} of {channels}")
         self.channels = channels
-        self.prior = _Heads(self.kept, (self.factored, self.factored))
+        self.prior = ZeroConvHeads(self.kept, (self.factored, self.factored))
 
     def split(self, x, context=None):
         """(x1, eps, logabsdet) for x `[B, C, H, W]`."""
