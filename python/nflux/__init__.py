@@ -6,7 +6,8 @@ import torch
 
 from nflux import _extension, nets, ops, transforms
 from nflux.flow import DistributionBase, Flow, FlowDistribution, StandardNormal
-from nflux.models import IAF, MAF, NICE, NSF, Glow, RealNVP
+from nflux.models import IAF, MAF, NICE, NSF, Glow, ImageFlow, RealNVP
+from nflux.transforms.preprocess import bits_per_dim
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,6 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "DistributionBase", "Flow", "FlowDistribution", "Glow", "IAF", "MAF", "NICE", "NSF", "RealNVP", "StandardNormal",
-    "build_info", "nets", "ops", "transforms", "__version__",
+    "DistributionBase", "Flow", "FlowDistribution", "Glow", "IAF", "ImageFlow", "MAF", "NICE", "NSF", "RealNVP", "StandardNormal",
+    "bits_per_dim", "build_info", "nets", "ops", "transforms", "__version__",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from nflux.flow import Flow, StandardNormal
+from nflux.models.image import glow_image, realnvp_image
 from nflux.transforms import ActNorm, AdditiveCoupling, AffineCoupling, LULinear, alternating_mask, half_mask
 
 
@@ -52,6 +53,10 @@ class RealNVP(NICE):
         Flow.__init__(self, transforms, StandardNormal(features))
         self.config = dict(features=features, context=context, layers=layers, hidden=tuple(hidden), clamp=clamp)
 
+    #: `RealNVP.image(shape=(C, H, W), *, levels=2, hidden=64, ...)`: the multi-scale image
+    #: flow, an `ImageFlow` (see `nflux.models.image.realnvp_image`).
+    image = staticmethod(realnvp_image)
+
 
 class Glow(NICE):
     """Vector Glow (Kingma & Dhariwal 2018): `layers` steps of ActNorm (data-initialised), LU
@@ -70,3 +75,7 @@ class Glow(NICE):
             ]
         Flow.__init__(self, transforms, StandardNormal(features))
         self.config = dict(features=features, context=context, layers=layers, hidden=tuple(hidden))
+
+    #: `Glow.image(shape=(C, H, W), *, levels=3, steps=8, hidden=512, ...)`: the multi-scale
+    #: image flow, an `ImageFlow` (see `nflux.models.image.glow_image`).
+    image = staticmethod(glow_image)

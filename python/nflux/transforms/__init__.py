@@ -10,12 +10,26 @@ from nflux.transforms.coupling import (
     half_mask,
     random_mask,
 )
+from nflux.transforms.image import (
+    ActNorm2d,
+    ActNormInvConv1x1,
+    ChannelCoupling,
+    CheckerboardCoupling,
+    FactorOut,
+    InvConv1x1,
+    MultiScale,
+    Squeeze,
+    checkerboard_mask,
+)
 from nflux.transforms.linear import LULinear
 from nflux.transforms.normalization import ActNorm
+from nflux.transforms.preprocess import Dequantize, Logit, Shift, bits_per_dim, reduce_bits
 from nflux.transforms.permutation import Permutation, RandomPermutation, ReversePermutation
 
 __all__ = [
     "ActNorm", "AdditiveCoupling", "AffineCoupling", "Compose", "Inverse", "LULinear",
     "MaskedAffineAutoregressive", "MaskedSplineAutoregressive", "Permutation", "RandomPermutation",
     "ReversePermutation", "SplineCoupling", "Transform", "alternating_mask", "half_mask", "random_mask",
+    "ActNorm2d", "ActNormInvConv1x1", "ChannelCoupling", "CheckerboardCoupling", "Dequantize", "FactorOut",
+    "InvConv1x1", "Logit", "MultiScale", "Shift", "Squeeze", "bits_per_dim", "checkerboard_mask", "reduce_bits",
 ]
