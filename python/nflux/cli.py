@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/<model>-<data>)")
     t.add_argument("--device", help="cpu or cuda (default cpu)")
     t.add_argument("--seed", type=_nonneg_int, help="seed of the data split, init and batches (default 0)")
+    t.add_argument("--threads", type=_nonneg_int, default=1,
+                   help="CPU threads for torch (default 1: these networks are too small to gain from "
+                        "more, and on a busy machine extra threads mostly wait; 0 keeps torch's choice)")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     t.add_argument("--config", help="JSON file of config keys (flags given on the command line win)")
     t.add_argument("--stop-after", dest="stop_after", type=_positive_int,
@@ -160,6 +163,10 @@ def _cmd_train(args) -> int:
     config = {**config, **cli}
     for key in ("standardizer", "model_kwargs", "dataset", "nflux_version"):
         config.pop(key, None)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     metrics = train(config, resume=args.resume, quiet=args.quiet)
     return 0 if metrics else 1
 
