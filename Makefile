@@ -14,7 +14,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install -q "pybind11>=2.12" "scikit-build-core>=0.10" ninja "cmake>=3.18" numpy pytest "safetensors>=0.4" "scikit-learn>=1.1"
+	$(BIN)/pip install -q "pybind11>=2.12" "scikit-build-core>=0.10" ninja "cmake>=3.18" numpy pytest "safetensors>=0.4" "scikit-learn>=1.1" matplotlib
 	$(BIN)/pip install -q --no-build-isolation -e .
 
 test: install cuda-check
@@ -32,7 +32,6 @@ cuda-check:
 # The main job: train the default flow (NSF) on the embedded two-moons data; writes config,
 # checkpoints, metrics.jsonl, metrics.json (test NLL), samples.png and loss.png to runs/demo.
 demo: install
-	$(BIN)/pip install -q matplotlib
 	$(BIN)/nflux train nsf --data moons --out runs/demo
 
 bench: install
