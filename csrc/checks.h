@@ -55,6 +55,25 @@ inline int64_t check_rq_spline_args(const at::Tensor& inputs, const at::Tensor& 
   return K;
 }
 
+// rq_spline_backward: the forward's arguments plus two gradients shaped, typed and placed like
+// inputs. Returns K.
+inline int64_t check_rq_spline_backward_args(const at::Tensor& grad_outputs,
+                                             const at::Tensor& grad_logabsdet,
+                                             const at::Tensor& inputs, const at::Tensor& widths,
+                                             const at::Tensor& heights,
+                                             const at::Tensor& derivatives, double tail_bound,
+                                             double min_bin_width, double min_bin_height,
+                                             double min_derivative) {
+  const int64_t K = check_rq_spline_args(inputs, widths, heights, derivatives, tail_bound,
+                                         min_bin_width, min_bin_height, min_derivative);
+  TORCH_CHECK(grad_outputs.sizes() == inputs.sizes() && grad_logabsdet.sizes() == inputs.sizes(),
+              "nflux: rq_spline_backward gradients must have the shape of inputs ", inputs.sizes(),
+              ", got ", grad_outputs.sizes(), " and ", grad_logabsdet.sizes());
+  check_same_dtype_device(grad_outputs, inputs, "grad_outputs", "inputs");
+  check_same_dtype_device(grad_logabsdet, inputs, "grad_logabsdet", "inputs");
+  return K;
+}
+
 // affine_coupling: x [B, ...]; shift and scale_logits exactly x's shape. scale_kind is
 // 0 (additive: no logits), 1 (exp) or 2 (sigmoid). Returns scale_kind.
 inline int64_t check_affine_coupling_args(const at::Tensor& x, const at::Tensor& shift,

@@ -73,13 +73,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rq_spline_backward_cu
     const at::Tensor& widths, const at::Tensor& heights, const at::Tensor& derivatives,
     bool inverse, double tail_bound, double min_bin_width, double min_bin_height,
     double min_derivative) {
-  const int64_t K = check_rq_spline_args(inputs, widths, heights, derivatives, tail_bound,
-                                         min_bin_width, min_bin_height, min_derivative);
-  TORCH_CHECK(grad_outputs.sizes() == inputs.sizes() && grad_logabsdet.sizes() == inputs.sizes(),
-              "nflux: rq_spline_backward gradients must have the shape of inputs ", inputs.sizes(),
-              ", got ", grad_outputs.sizes(), " and ", grad_logabsdet.sizes());
-  check_same_dtype_device(grad_outputs, inputs, "grad_outputs", "inputs");
-  check_same_dtype_device(grad_logabsdet, inputs, "grad_logabsdet", "inputs");
+  const int64_t K = check_rq_spline_backward_args(grad_outputs, grad_logabsdet, inputs, widths,
+                                                  heights, derivatives, tail_bound, min_bin_width,
+                                                  min_bin_height, min_derivative);
   TORCH_CHECK(inputs.is_cuda(),
               "nflux: rq_spline_backward_cuda expects CUDA tensors, got inputs on ",
               inputs.device());
