@@ -1,37 +1,133 @@
 // masked_linear: y = x (W * M)^T + b, with dL/dW masked. Composed of ATen ops, so one
-// implementation serves CPU and CUDA (cuBLAS through ATen). W * M is formed once per call:
-// O(out*in), negligible next to the O(batch*out*in) product, and it keeps the stored weights
-// free to be anything (the mask, not the storage, defines the network).
+// implementation serves CPU and CUDA (BLAS / cuBLAS through ATen).
+//
+// Dense path (no blocks): W * M is formed once per call, O(out*in) next to the O(batch*out*in)
+// products; the stored weights stay free to be anything (the mask, not the storage, defines the
+// network).
+//
+// Block path: `blocks` lists rectangles [r0, r1) x [c0, c1) of the mask (disjoint, ascending
+// output-row ranges) outside which the mask is zero. A MADE whose units are sorted by degree has
+// staircase masks, so a few rectangles cover them with little waste; each rectangle is one GEMM
+// over only its admitted inputs, in the forward pass and in both gradients, and rows in no
+// rectangle get the bias alone. W * M is formed only inside the rectangles.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 
 namespace nflux {
 namespace {
 
+struct MaskBlock {
+  int64_t r0, r1, c0, c1;
+};
+
+std::vector<MaskBlock> parse_blocks(at::IntArrayRef blocks, int64_t out, int64_t in) {
+  TORCH_CHECK(blocks.size() % 4 == 0,
+              "nflux: blocks must hold [row_start, row_end, col_start, col_end] per block, got ",
+              blocks.size(), " ints");
+  std::vector<MaskBlock> parsed;
+  int64_t previous_end = 0;
+  for (size_t i = 0; i < blocks.size(); i += 4) {
+    const MaskBlock b{blocks[i], blocks[i + 1], blocks[i + 2], blocks[i + 3]};
+    TORCH_CHECK(previous_end <= b.r0 && b.r0 <= b.r1 && b.r1 <= out,
+                "nflux: block row ranges must be ascending, disjoint and within [0, ", out,
+                "], got [", b.r0, ", ", b.r1, ")");
+    TORCH_CHECK(0 <= b.c0 && b.c0 <= b.c1 && b.c1 <= in,
+                "nflux: block column ranges must lie within [0, ", in, "], got [", b.c0, ", ",
+                b.c1, ")");
+    previous_end = b.r1;
+    parsed.push_back(b);
+  }
+  return parsed;
+}
+
+at::Tensor masked_block(const at::Tensor& weight, const at::Tensor& mask, const MaskBlock& b) {
+  return weight.slice(0, b.r0, b.r1).slice(1, b.c0, b.c1) *
+         mask.slice(0, b.r0, b.r1).slice(1, b.c0, b.c1);
+}
+
+// Output columns [begin, end) that no block computes: the bias alone (their mask rows are zero).
+void fill_uncovered(at::Tensor& y, const c10::optional<at::Tensor>& bias, int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  at::Tensor part = y.slice(1, begin, end);
+  if (bias.has_value() && bias->defined()) {
+    part.copy_(bias->slice(0, begin, end).expand_as(part));
+  } else {
+    part.zero_();
+  }
+}
+
 at::Tensor masked_linear(const at::Tensor& input, const at::Tensor& weight,
-                         const c10::optional<at::Tensor>& bias, const at::Tensor& mask) {
+                         const c10::optional<at::Tensor>& bias, const at::Tensor& mask,
+                         at::IntArrayRef blocks) {
   check_masked_linear_args(input, weight, bias, mask);
-  return at::linear(input, weight * mask, bias);
+  const int64_t out = weight.size(0), in = weight.size(1);
+  const std::vector<MaskBlock> parsed = parse_blocks(blocks, out, in);
+  if (parsed.empty()) return at::linear(input, weight * mask, bias);
+
+  const at::Tensor x2 = input.reshape({-1, in});
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = out;
+  // Allocated in its final shape: a returned view would forbid in-place use of the output.
+  at::Tensor result = at::empty(shape, input.options());
+  at::Tensor y = result.view({-1, out});
+  const bool has_bias = bias.has_value() && bias->defined();
+  int64_t covered = 0;
+  for (const MaskBlock& b : parsed) {
+    fill_uncovered(y, bias, covered, b.r0);
+    covered = b.r1;
+    if (b.c0 == b.c1) {
+      fill_uncovered(y, bias, b.r0, b.r1);
+      continue;
+    }
+    at::Tensor y_block = y.slice(1, b.r0, b.r1);
+    const at::Tensor w_block = masked_block(weight, mask, b);
+    const at::Tensor x_block = x2.slice(1, b.c0, b.c1);
+    if (has_bias) {
+      at::addmm_out(y_block, bias->slice(0, b.r0, b.r1), x_block, w_block.t());
+    } else {
+      at::mm_out(y_block, x_block, w_block.t());
+    }
+  }
+  fill_uncovered(y, bias, covered, out);
+  return result;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& mask) {
+    const at::Tensor& mask, at::IntArrayRef blocks) {
   check_masked_linear_args(input, weight, c10::nullopt, mask);
   check_same_dtype_device(grad_output, input, "grad_output", "input");
   const int64_t out = weight.size(0), in = weight.size(1);
   TORCH_CHECK(grad_output.dim() == input.dim() && grad_output.size(-1) == out,
               "nflux: grad_output must have shape [..., ", out, "] matching input, got ",
               grad_output.sizes());
+  const std::vector<MaskBlock> parsed = parse_blocks(blocks, out, in);
   const at::Tensor g2 = grad_output.reshape({-1, out});
   const at::Tensor x2 = input.reshape({-1, in});
-  at::Tensor grad_input = at::matmul(grad_output, weight * mask);
-  at::Tensor grad_weight = at::mm(g2.t(), x2).mul_(mask);
   at::Tensor grad_bias = g2.sum(0);
+  if (parsed.empty()) {
+    at::Tensor grad_input = at::matmul(grad_output, weight * mask);
+    at::Tensor grad_weight = at::mm(g2.t(), x2).mul_(mask);
+    return {grad_input, grad_weight, grad_bias};
+  }
+  // Entries outside every block get no contribution: zero-filled, then each block adds its part.
+  at::Tensor grad_input = at::zeros(input.sizes(), input.options());
+  at::Tensor grad_input2 = grad_input.view({-1, in});
+  at::Tensor grad_weight = at::zeros({out, in}, weight.options());
+  for (const MaskBlock& b : parsed) {
+    if (b.c0 == b.c1 || b.r0 == b.r1) continue;
+    const at::Tensor w_block = masked_block(weight, mask, b);
+    const at::Tensor g_block = g2.slice(1, b.r0, b.r1);
+    grad_input2.slice(1, b.c0, b.c1).addmm_(g_block, w_block);
+    at::Tensor gw_block = grad_weight.slice(0, b.r0, b.r1).slice(1, b.c0, b.c1);
+    at::mm_out(gw_block, g_block.t(), x2.slice(1, b.c0, b.c1));
+    gw_block.mul_(mask.slice(0, b.r0, b.r1).slice(1, b.c0, b.c1));
+  }
   return {grad_input, grad_weight, grad_bias};
 }
 

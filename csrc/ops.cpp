@@ -43,10 +43,12 @@ TORCH_LIBRARY(nflux, m) {
       "Tensor grad_log_scale, Tensor grad_bias, Tensor grad_input_shift)",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "masked_linear(Tensor input, Tensor weight, Tensor? bias, Tensor mask) -> Tensor",
+      "masked_linear(Tensor input, Tensor weight, Tensor? bias, Tensor mask, int[] blocks=[]) "
+      "-> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "masked_linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor mask) "
+      "masked_linear_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor mask, "
+      "int[] blocks=[]) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
   // One-pass inversion of a MADE-conditioned autoregressive transform. degrees: the D input

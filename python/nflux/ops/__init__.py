@@ -7,7 +7,7 @@ from nflux.ops import reference
 from nflux.ops.coupling import affine_coupling
 from nflux.ops.lu_conv1x1 import actnorm_lu_conv1x1, fold_actnorm, lu_conv1x1
 from nflux.ops.made_inverse import autoregressive_transformer, made_inverse
-from nflux.ops.masked_linear import masked_linear
+from nflux.ops.masked_linear import masked_linear, masked_linear_blocks
 from nflux.ops.rq_spline import rq_spline
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "lu_conv1x1",
     "made_inverse",
     "masked_linear",
+    "masked_linear_blocks",
     "reference",
     "rq_spline",
 ]

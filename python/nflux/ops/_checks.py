@@ -161,6 +161,22 @@ def check_masked_linear_args(
             raise ValueError(f"nflux: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
 
 
+def check_masked_linear_blocks(blocks: list[int], weight: torch.Tensor) -> None:
+    """Validates masked_linear's blocks: [r0, r1, c0, c1] per rectangle, row ranges ascending
+    and disjoint, everything within weight's shape (the mask itself is not read: no sync)."""
+    out, in_ = weight.shape
+    if len(blocks) % 4:
+        raise ValueError(f"nflux: blocks must hold [row_start, row_end, col_start, col_end] per block, got {len(blocks)} ints")
+    previous_end = 0
+    for k in range(0, len(blocks), 4):
+        r0, r1, c0, c1 = blocks[k : k + 4]
+        if not previous_end <= r0 <= r1 <= out:
+            raise ValueError(f"nflux: block row ranges must be ascending, disjoint and within [0, {out}], got [{r0}, {r1})")
+        if not 0 <= c0 <= c1 <= in_:
+            raise ValueError(f"nflux: block column ranges must lie within [0, {in_}], got [{c0}, {c1})")
+        previous_end = r1
+
+
 ACTIVATIONS = ("relu", "elu", "tanh", "gelu")
 TRANSFORMERS = ("affine", "rq_spline")
 
