@@ -11,6 +11,10 @@ from torch import nn
 from nflux import ops
 
 _ACTIVATIONS = {"relu": torch.relu, "elu": nn.functional.elu, "tanh": torch.tanh, "gelu": nn.functional.gelu}
+# On a fresh layer output nothing else holds, in place saves an allocation (the backward of
+# relu, elu and tanh reads the result, which is what stays); gelu's backward needs its input.
+_ACTIVATIONS_INPLACE = {"relu": torch.relu_, "elu": lambda h: nn.functional.elu(h, inplace=True),
+                        "tanh": torch.tanh_, "gelu": nn.functional.gelu}
 
 
 def input_degrees(features: int, ordering: str | Sequence[int] = "natural", seed: int = 0) -> list[int]:
@@ -39,8 +43,12 @@ def input_degrees(features: int, ordering: str | Sequence[int] = "natural", seed
 
 
 def hidden_degrees(width: int, features: int) -> list[int]:
-    """Cyclic degrees 1..D-1 (every degree equally represented); all 1 when D = 1."""
-    return [(i % max(1, features - 1)) + 1 for i in range(width)]
+    """Degrees 1..D-1, each equally represented (all 1 when D = 1), in ascending order.
+
+    Sorted, a hidden layer's mask is a staircase (each unit sees a prefix of the units before),
+    which a few rectangles cover: masked_linear then skips most masked-out multiply-adds.
+    """
+    return sorted((i % max(1, features - 1)) + 1 for i in range(width))
 
 
 class MADE(nn.Module):
@@ -97,11 +105,14 @@ class MADE(nn.Module):
         self.biases = nn.ParameterList()
         sizes = [D, *widths, D * P]
         out_deg = [torch.tensor(k) for k in layer_deg[1:]] + [torch.tensor(in_deg).repeat_interleave(P)]
+        # Rectangles covering each mask (static ints, found once here): see ops.masked_linear.
+        self.mask_blocks: list[list[int]] = []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             d_in, d_out = torch.tensor(layer_deg[i]), out_deg[i]
             last = i == len(sizes) - 2
             mask = d_out[:, None] > d_in[None, :] if last else d_out[:, None] >= d_in[None, :]
             self.register_buffer(f"mask{i}", mask.float())
+            self.mask_blocks.append(ops.masked_linear_blocks(mask))
             bound = 1 / math.sqrt(fan_in)
             weight = torch.empty(fan_out, fan_in).uniform_(-bound, bound)
             bias = torch.empty(fan_out).uniform_(-bound, bound)
@@ -136,13 +147,13 @@ class MADE(nn.Module):
         masks, n = self.masks(), len(self.weights)
 
         def linear(i, h):
-            out = ops.masked_linear(h, self.weights[i], self.biases[i], masks[i])
-            return out + ctx[i] if ctx else out
+            out = ops.masked_linear(h, self.weights[i], self.biases[i], masks[i], self.mask_blocks[i])
+            return out.add_(ctx[i]) if ctx else out  # a fresh output: in place is safe
 
         if not self.residual:
             h = x
             for i in range(n - 1):
-                h = act(linear(i, h))
+                h = _ACTIVATIONS_INPLACE[self.activation](linear(i, h))
         else:
             h = linear(0, x)
             for i in range(1, n - 1, 2):
@@ -152,7 +163,8 @@ class MADE(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Params `[B, D, P]` for inputs `[B, D]`."""
         n = len(self.weights)
-        out = ops.masked_linear(self.hidden(x, context), self.weights[n - 1], self.biases[n - 1], self.masks()[n - 1])
+        out = ops.masked_linear(self.hidden(x, context), self.weights[n - 1], self.biases[n - 1], self.masks()[n - 1],
+                                self.mask_blocks[n - 1])
         return out.reshape(x.shape[0], self.features, self.params_per_feature)
 
     def transform(self, x: torch.Tensor, transformer: str = "affine", context=None, **options):

@@ -45,6 +45,7 @@ class _MaskedAutoregressive(Transform):
             self.register_buffer(f"head_mask{g}", last_mask[rows].clone(), persistent=False)
             start += size
         self.group_sizes = self._group_sizes()
+        self.head_blocks = [ops.masked_linear_blocks(getattr(self, f"head_mask{g}")) for g in range(len(self.group_sizes))]
 
     def _group_sizes(self) -> list[int]:  # pragma: no cover
         raise NotImplementedError
@@ -56,7 +57,7 @@ class _MaskedAutoregressive(Transform):
         for g, size in enumerate(self.group_sizes):
             rows = getattr(self, f"head_rows{g}")
             out = ops.masked_linear(h, weight.index_select(0, rows), bias.index_select(0, rows),
-                                    getattr(self, f"head_mask{g}"))
+                                    getattr(self, f"head_mask{g}"), self.head_blocks[g])
             heads.append(out.view(x.shape[0], self.features, size))
         return heads
 
