@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 from torch import nn
@@ -183,10 +184,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=["NSF", "NSF-AR", "MAF", "IAF", "RealNVP", "NICE", "Glow"])
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="cpu: the thread's CPU time (with --threads 1, robust to other load); wall: elapsed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one thread; use --threads 1 or --clock wall")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     B = args.batch
-    print(f"Model benchmark: batch {B}, device cpu, threads={torch.get_num_threads()} torch={torch.__version__} "
+    print(f"Model benchmark: batch {B}, device cpu, threads={torch.get_num_threads()} clock={args.clock} torch={torch.__version__} "
           f"nflux extension={nflux.build_info()['extension_loaded']}")
     print("layers/hidden: " + ", ".join(f"{m} {LAYERS[m]}x{HIDDEN[m]}" for m in args.models) + f"; bins {BINS}")
     rows, summary = [], []
@@ -208,15 +214,15 @@ def main() -> None:
             t_sample = {name: float("inf") for name in cases}
             for _ in range(args.rounds):
                 for name, c in cases.items():
-                    t_train[name] = min(t_train[name], H.time_fn(steps[name], repeat=5, warmup=1))
+                    t_train[name] = min(t_train[name], H.time_fn(steps[name], repeat=5, warmup=1, clock=clock))
                     if c.sample is None:
                         continue
                     with torch.no_grad():
                         if c.slow_sample and D >= 32:
                             if t_sample[name] == float("inf"):
-                                t_sample[name] = H.time_fn(lambda: c.sample(B), repeat=1, warmup=0, min_time=0)
+                                t_sample[name] = H.time_fn(lambda: c.sample(B), repeat=1, warmup=0, min_time=0, clock=clock)
                         else:
-                            t_sample[name] = min(t_sample[name], H.time_fn(lambda: c.sample(B), repeat=5, warmup=1))
+                            t_sample[name] = min(t_sample[name], H.time_fn(lambda: c.sample(B), repeat=5, warmup=1, clock=clock))
             ours_t, ours_s = t_train["nflux"], t_sample["nflux"]
             for name in cases:
                 extra = ""
