@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -115,18 +116,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
     at::Tensor grad_weight = at::mm(g2.t(), x2).mul_(mask);
     return {grad_input, grad_weight, grad_bias};
   }
-  // Entries outside every block get no contribution: zero-filled, then each block adds its part.
-  at::Tensor grad_input = at::zeros(input.sizes(), input.options());
-  at::Tensor grad_input2 = grad_input.view({-1, in});
+  // W * M inside the rectangles only (the rest of w_masked is never read).
+  at::Tensor w_masked = at::empty({out, in}, weight.options());
+  // dL/dW: zero outside the rectangles, g^T x masked inside.
   at::Tensor grad_weight = at::zeros({out, in}, weight.options());
+  std::vector<int64_t> bounds{0, in};
   for (const MaskBlock& b : parsed) {
     if (b.c0 == b.c1 || b.r0 == b.r1) continue;
-    const at::Tensor w_block = masked_block(weight, mask, b);
-    const at::Tensor g_block = g2.slice(1, b.r0, b.r1);
-    grad_input2.slice(1, b.c0, b.c1).addmm_(g_block, w_block);
+    const at::Tensor mask_block = mask.slice(0, b.r0, b.r1).slice(1, b.c0, b.c1);
+    at::Tensor wm_block = w_masked.slice(0, b.r0, b.r1).slice(1, b.c0, b.c1);
+    at::mul_out(wm_block, weight.slice(0, b.r0, b.r1).slice(1, b.c0, b.c1), mask_block);
     at::Tensor gw_block = grad_weight.slice(0, b.r0, b.r1).slice(1, b.c0, b.c1);
-    at::mm_out(gw_block, g_block.t(), x2.slice(1, b.c0, b.c1));
-    gw_block.mul_(mask.slice(0, b.r0, b.r1).slice(1, b.c0, b.c1));
+    at::mm_out(gw_block, g2.slice(1, b.r0, b.r1).t(), x2.slice(1, b.c0, b.c1));
+    gw_block.mul_(mask_block);
+    bounds.push_back(b.c0);
+    bounds.push_back(b.c1);
+  }
+  // dL/dx by input-column segments (between rectangle edges), each written once: a segment
+  // gathers the rows of every rectangle spanning it, one GEMM per contiguous run of rows (a
+  // staircase has one run), so no zero fill and no accumulation passes.
+  std::sort(bounds.begin(), bounds.end());
+  bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
+  at::Tensor grad_input = at::empty(input.sizes(), input.options());
+  at::Tensor grad_input2 = grad_input.view({-1, in});
+  for (size_t s = 0; s + 1 < bounds.size(); ++s) {
+    const int64_t a = bounds[s], z = bounds[s + 1];
+    at::Tensor gi_segment = grad_input2.slice(1, a, z);
+    bool written = false;
+    size_t k = 0;
+    while (k < parsed.size()) {
+      const MaskBlock& first = parsed[k];
+      if (first.r0 == first.r1 || !(first.c0 <= a && z <= first.c1)) {
+        ++k;
+        continue;
+      }
+      int64_t run_end = first.r1;
+      size_t next = k + 1;
+      while (next < parsed.size() && parsed[next].r0 == run_end && parsed[next].r0 < parsed[next].r1 &&
+             parsed[next].c0 <= a && z <= parsed[next].c1) {
+        run_end = parsed[next].r1;
+        ++next;
+      }
+      const at::Tensor g_run = g2.slice(1, first.r0, run_end);
+      const at::Tensor wm_run = w_masked.slice(0, first.r0, run_end).slice(1, a, z);
+      if (written) {
+        gi_segment.addmm_(g_run, wm_run);
+      } else {
+        at::mm_out(gi_segment, g_run, wm_run);
+        written = true;
+      }
+      k = next;
+    }
+    if (!written) gi_segment.zero_();
   }
   return {grad_input, grad_weight, grad_bias};
 }

@@ -40,6 +40,37 @@ def test_autoregressive_property(ordering, residual, context):
     assert torch.all(J.diagonal() == 0)
 
 
+@pytest.mark.parametrize("ordering", ["natural", "reversed", "random"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_block_path_keeps_autoregressive_property_and_values(ordering, residual):
+    """Wide enough for masked_linear's rectangles (hidden units sorted by degree): the
+    Jacobian keeps the autoregressive pattern and the outputs equal the dense path's."""
+    D, P = 6, 2
+    made = _randomize(MADE(D, P, (256, 256), ordering=ordering, seed=1, residual=residual).double(), scale=0.1)
+    hidden = made.degrees[D:]
+    assert all(hidden[k : k + 256] == sorted(hidden[k : k + 256]) for k in range(0, len(hidden), 256))
+    assert any(made.mask_blocks)  # the 256 x 256 layers take the block path
+    deg = torch.tensor(input_degrees(D, ordering, seed=1))
+    allowed = deg[None, :] < deg[:, None]
+    x = torch.randn(D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    J = _jacobian(made, x).abs().sum(1)
+    assert torch.all(J[~allowed] == 0)
+    assert torch.all(J[allowed] > 0)
+    xs = torch.randn(7, D, dtype=torch.float64)
+    blocked = made(xs)
+    made.mask_blocks = [[] for _ in made.mask_blocks]
+    torch.testing.assert_close(blocked, made(xs))
+
+
+def test_checkpoint_with_other_masks_is_refused():
+    made = MADE(4, 2, (8, 8))
+    state = made.state_dict()
+    MADE(4, 2, (8, 8)).load_state_dict(state)  # same construction: fine
+    state["mask1"] = state["mask1"].flip(0)  # hidden units in another order
+    with pytest.raises(ValueError, match="mask1 in the checkpoint differs"):
+        MADE(4, 2, (8, 8)).load_state_dict(state)
+
+
 def test_ordering_degrees():
     assert input_degrees(4, "natural") == [1, 2, 3, 4]
     assert input_degrees(4, "reversed") == [4, 3, 2, 1]

@@ -125,6 +125,19 @@ class MADE(nn.Module):
             nn.ModuleList(nn.Linear(context_features, w) for w in widths) if context_features else None
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The masks follow from the constructor's arguments, and so do the rectangles that
+        # masked_linear computes and the degrees that made_inverse uses: a checkpoint with other
+        # masks (say, saved before hidden units were sorted by degree) must not load silently.
+        for i, mask in enumerate(self.masks()):
+            saved = state_dict.get(f"{prefix}mask{i}")
+            if saved is not None and (saved.shape != mask.shape or not torch.equal(saved.to(mask), mask)):
+                raise ValueError(
+                    f"nflux: {prefix}mask{i} in the checkpoint differs from this MADE's: it was saved with other "
+                    "degrees (another ordering, or the unsorted hidden units of earlier nflux versions)"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def masks(self) -> list[torch.Tensor]:
         return [getattr(self, f"mask{i}") for i in range(len(self.weights))]
 

@@ -105,21 +105,6 @@ def masked_linear_blocks(mask: torch.Tensor, overhead: int = BLOCK_OVERHEAD) -> 
     return blocks
 
 
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, mask, blocks = inputs
-    ctx.save_for_backward(input, weight, mask)
-    ctx.has_bias = bias is not None
-    ctx.blocks = blocks
-
-
-def _backward(ctx, grad_output):
-    input, weight, mask = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = torch.ops.nflux.masked_linear_backward(
-        grad_output, input, weight, mask, ctx.blocks
-    )
-    return grad_input, grad_weight, grad_bias if ctx.has_bias else None, None, None
-
-
 def _fake(input, weight, bias, mask, blocks=()):
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
@@ -131,4 +116,4 @@ def _fake_backward(grad_output, input, weight, mask, blocks=()):
 if _extension.loaded:
     torch.library.register_fake("nflux::masked_linear")(_fake)
     torch.library.register_fake("nflux::masked_linear_backward")(_fake_backward)
-    torch.library.register_autograd("nflux::masked_linear", _backward, setup_context=_setup_context)
+    # Its autograd kernel is C++ (csrc/masked_linear_autograd.cpp): no Python per call.
