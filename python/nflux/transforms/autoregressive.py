@@ -21,6 +21,9 @@ from nflux.transforms.base import Transform
 
 class _MaskedAutoregressive(Transform):
     transformer = "affine"
+    # One GEMM for all heads, the heads then strided views: worth it when each head is narrow
+    # (D columns: a GEMM that thin runs at a fraction of the rate), not for spline heads.
+    merge_heads = False
 
     def __init__(self, features: int, params_per_feature: int, *, context: int = 0,
                  hidden: Sequence[int] = (256, 256), residual: bool = False,
@@ -46,6 +49,11 @@ class _MaskedAutoregressive(Transform):
             start += size
         self.group_sizes = self._group_sizes()
         self.head_blocks = [ops.masked_linear_blocks(getattr(self, f"head_mask{g}")) for g in range(len(self.group_sizes))]
+        if self.merge_heads:  # all heads as one GEMM, group after group
+            rows = torch.cat([getattr(self, f"head_rows{g}") for g in range(len(self.group_sizes))])
+            self.register_buffer("heads_rows", rows, persistent=False)
+            self.register_buffer("heads_mask", last_mask[rows].clone(), persistent=False)
+            self.heads_blocks = ops.masked_linear_blocks(self.heads_mask)
 
     def _group_sizes(self) -> list[int]:  # pragma: no cover
         raise NotImplementedError
@@ -53,6 +61,11 @@ class _MaskedAutoregressive(Transform):
     def _heads(self, x, context):
         h = self.made.hidden(x, context)
         weight, bias = self.made.weights[-1], self.made.biases[-1]
+        if self.merge_heads:
+            out = ops.masked_linear(h, weight.index_select(0, self.heads_rows), bias.index_select(0, self.heads_rows),
+                                    self.heads_mask, self.heads_blocks)
+            return [part.view(x.shape[0], self.features, size)
+                    for part, size in zip(out.split([self.features * n for n in self.group_sizes], 1), self.group_sizes)]
         heads = []
         for g, size in enumerate(self.group_sizes):
             rows = getattr(self, f"head_rows{g}")
@@ -80,6 +93,7 @@ class MaskedAffineAutoregressive(_MaskedAutoregressive):
     """
 
     transformer = "affine"
+    merge_heads = True
 
     def _group_sizes(self):
         return [1, 1]  # shift, log_scale
