@@ -50,6 +50,8 @@ Sorted sort_by_degree(const int64_t* degree, int64_t n, int64_t D) {
   std::iota(s.perm.begin(), s.perm.end(), 0);
   std::stable_sort(s.perm.begin(), s.perm.end(),
                    [&](int64_t a, int64_t b) { return degree[a] < degree[b]; });
+  s.degree.resize(n);
+  for (int64_t i = 0; i < n; ++i) s.degree[i] = degree[s.perm[i]];
   s.count_le.assign(D + 1, 0);
   for (int64_t i = 0; i < n; ++i)
     if (degree[i] <= D) s.count_le[degree[i]] += 1;
@@ -175,12 +177,14 @@ MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList b
   plan.weights.resize(n);
   plan.biases.resize(n);
   plan.context.resize(hidden);
+  plan.row_perm.resize(n);
   at::Tensor prev_perm = plan.in_perm;
   for (int64_t l = 0; l < n; ++l) {
     const at::Tensor rows = l < hidden ? index_tensor(plan.sorts[l].perm, device) : index_tensor(out_rows, device);
     const at::Tensor w = weights[l].index_select(0, rows).index_select(1, prev_perm);
     plan.weights[l] = transpose ? w.t().contiguous() : w.contiguous();
     plan.biases[l] = biases[l].index_select(0, rows).contiguous();
+    plan.row_perm[l] = rows;
     if (l < hidden && !context_terms.empty()) plan.context[l] = context_terms[l].index_select(1, rows).contiguous();
     prev_perm = rows;
   }
