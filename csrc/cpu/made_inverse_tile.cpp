@@ -14,7 +14,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 
+#include "nflux/activation.h"
 #include "nflux/coupling.h"
 #include "nflux/rq_spline.h"
 
@@ -30,54 +32,42 @@ namespace {
 
 constexpr int kUnits = 4;  // units computed together, so each row vector is loaded once
 
-Act act_for(const std::string& name) {
-  if (name == "elu") return Act::elu;
-  if (name == "tanh") return Act::tanh;
-  if (name == "gelu") return Act::gelu;
-  return Act::relu;
+activation::Kind activation_for(const std::string& name) {
+  if (name == "elu") return activation::kElu;
+  if (name == "tanh") return activation::kTanh;
+  if (name == "gelu") return activation::kGelu;
+  return activation::kRelu;
+}
+
+// The kind is a template argument inside, so each loop is one formula.
+template <int A, typename scalar_t>
+void activate_as(scalar_t* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = activation::apply<A>(v[i]);
 }
 
 template <typename scalar_t>
-void activate(Act act, scalar_t* v, int64_t n) {
-  switch (act) {
-    case Act::relu:
-      for (int64_t i = 0; i < n; ++i) v[i] = v[i] > scalar_t(0) ? v[i] : scalar_t(0);
-      break;
-    case Act::elu:
-      for (int64_t i = 0; i < n; ++i) v[i] = v[i] > scalar_t(0) ? v[i] : std::expm1(v[i]);
-      break;
-    case Act::tanh:
-      for (int64_t i = 0; i < n; ++i) v[i] = std::tanh(v[i]);
-      break;
-    case Act::gelu:
-      for (int64_t i = 0; i < n; ++i)
-        v[i] = scalar_t(0.5) * v[i] * (scalar_t(1) + std::erf(v[i] * scalar_t(M_SQRT1_2)));
-      break;
+void activate(int kind, scalar_t* v, int64_t n) {
+  switch (kind) {
+    case activation::kRelu: return activate_as<activation::kRelu>(v, n);
+    case activation::kElu: return activate_as<activation::kElu>(v, n);
+    case activation::kTanh: return activate_as<activation::kTanh>(v, n);
+    default: return activate_as<activation::kGelu>(v, n);
   }
 }
 
-// g[i] *= act'(pre[i]), given pre and post = act(pre) (whichever the formula needs).
+// g[i] *= act'(pre[i]), given pre and post = act(pre).
+template <int A, typename scalar_t>
+void times_slope_as(const scalar_t* pre, const scalar_t* post, scalar_t* g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) g[i] *= activation::slope<A>(pre[i], post[i]);
+}
+
 template <typename scalar_t>
-void times_slope(Act act, const scalar_t* pre, const scalar_t* post, scalar_t* g, int64_t n) {
-  switch (act) {
-    case Act::relu:
-      for (int64_t i = 0; i < n; ++i) g[i] = pre[i] > scalar_t(0) ? g[i] : scalar_t(0);
-      break;
-    case Act::elu:  // exp(pre) = post + 1 below 0
-      for (int64_t i = 0; i < n; ++i) g[i] *= pre[i] > scalar_t(0) ? scalar_t(1) : post[i] + scalar_t(1);
-      break;
-    case Act::tanh:
-      for (int64_t i = 0; i < n; ++i) g[i] *= scalar_t(1) - post[i] * post[i];
-      break;
-    case Act::gelu: {  // Phi(x) + x phi(x), as at::gelu's exact backward
-      const scalar_t inv_sqrt_2pi = scalar_t(0.3989422804014327);
-      for (int64_t i = 0; i < n; ++i) {
-        const scalar_t x = pre[i];
-        g[i] *= scalar_t(0.5) * (scalar_t(1) + std::erf(x * scalar_t(M_SQRT1_2))) +
-                x * inv_sqrt_2pi * std::exp(scalar_t(-0.5) * x * x);
-      }
-      break;
-    }
+void times_slope(int kind, const scalar_t* pre, const scalar_t* post, scalar_t* g, int64_t n) {
+  switch (kind) {
+    case activation::kRelu: return times_slope_as<activation::kRelu>(pre, post, g, n);
+    case activation::kElu: return times_slope_as<activation::kElu>(pre, post, g, n);
+    case activation::kTanh: return times_slope_as<activation::kTanh>(pre, post, g, n);
+    default: return times_slope_as<activation::kGelu>(pre, post, g, n);
   }
 }
 
@@ -197,7 +187,7 @@ MadeTile<scalar_t>::MadeTile(const MadePlan& plan, bool keep_for_backward)
       n_(static_cast<int64_t>(plan.weights.size())),
       hidden_(n_ - 1),
       keep_(keep_for_backward),
-      act_(act_for(plan.activation)) {
+      act_(activation_for(plan.activation)) {
   w_.resize(n_);
   b_.resize(n_);
   c_.assign(hidden_, nullptr);

@@ -16,8 +16,6 @@ namespace nflux {
 
 constexpr int64_t kTile = 64;  // rows per tile: a 256-unit layer is 64 KiB of floats
 
-enum class Act { relu, elu, tanh, gelu };
-
 // What a tile writes to the backward's global buffers, all in the plan's degree-sorted order.
 template <typename scalar_t>
 struct TileGradOutputs {
@@ -46,7 +44,7 @@ class MadeTile {
   const MadePlan& plan_;
   int64_t D_, P_, K_, n_, hidden_;
   bool keep_;
-  Act act_;
+  int act_;  // activation::Kind
   std::vector<const scalar_t*> w_, b_, c_;
   // Unit-major [units][kTile] buffers. buf: what the next layer reads (plain: activations;
   // residual: the stream at even layers, a block's inner activations at odd ones); gated:
