@@ -9,9 +9,9 @@
 // The masks are never read: they are implied by the degrees, so the weights may be stored
 // unmasked.
 //
-// This file: the checks and degree-sorted plan (shared with csrc/cpu/made_inverse_cpu.cpp), and
-// an implementation composed of ATen ops, registered for CUDA (cuBLAS through ATen; one small
-// GEMM per layer and step, no CUDA graph or persistent kernel yet).
+// This file: the checks and degree-sorted plan (shared with the CPU and CUDA kernels), and an
+// implementation composed of ATen ops (one small GEMM per layer and step), which the CUDA
+// binding falls back to where its persistent kernel does not fit (csrc/cuda/made_inverse.cu).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -24,6 +24,7 @@
 
 #include "checks.h"
 #include "made_inverse.h"
+#include "nflux/activation.h"
 
 namespace nflux {
 namespace {
@@ -104,6 +105,10 @@ MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList b
   plan.residual = residual;
   plan.affine = affine;
   plan.activation = std::string(activation);
+  plan.activation_kind = activation == "elu"    ? nflux::activation::kElu
+                         : activation == "tanh" ? nflux::activation::kTanh
+                         : activation == "gelu" ? nflux::activation::kGelu
+                                                : nflux::activation::kRelu;
   plan.tail_bound = tail_bound;
   plan.min_bin_width = min_bin_width;
   plan.min_bin_height = min_bin_height;
@@ -191,8 +196,6 @@ MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList b
   return plan;
 }
 
-namespace {
-
 std::tuple<at::Tensor, at::Tensor> made_inverse_composite(
     const at::Tensor& y, at::TensorList weights, at::TensorList biases, at::IntArrayRef degrees,
     at::TensorList context_terms, bool residual, c10::string_view activation,
@@ -272,15 +275,11 @@ std::tuple<at::Tensor, at::Tensor> made_inverse_composite(
   return {x, logabsdet};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(nflux, CPU, m) { m.impl("_made_inverse_composite", &made_inverse_composite); }
 
 #ifdef NFLUX_WITH_CUDA
-TORCH_LIBRARY_IMPL(nflux, CUDA, m) {
-  m.impl("made_inverse", &made_inverse_composite);
-  m.impl("_made_inverse_composite", &made_inverse_composite);
-}
+// made_inverse itself is registered for CUDA by csrc/cuda/made_inverse_binding.cpp.
+TORCH_LIBRARY_IMPL(nflux, CUDA, m) { m.impl("_made_inverse_composite", &made_inverse_composite); }
 #endif
 
 }  // namespace nflux

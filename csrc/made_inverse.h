@@ -26,6 +26,7 @@ struct MadePlan {
   int64_t batch = 0, features = 0, params = 0, bins = 0;
   bool residual = false, affine = true;
   std::string activation;
+  int activation_kind = 0;            // nflux::activation::Kind
   double tail_bound = 3, min_bin_width = 1e-3, min_bin_height = 1e-3, min_derivative = 1e-3;
   std::vector<int64_t> widths;        // out features per layer, the output layer last
   Sorted sorts_in;                    // the inputs by degree (perm = generation order)
@@ -43,6 +44,13 @@ MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList b
                    c10::string_view activation, c10::string_view transformer, double tail_bound,
                    double min_bin_width, double min_bin_height, double min_derivative,
                    bool transpose);
+
+// The implementation composed of ATen ops (one small GEMM per layer and step): any device.
+std::tuple<at::Tensor, at::Tensor> made_inverse_composite(
+    const at::Tensor& y, at::TensorList weights, at::TensorList biases, at::IntArrayRef degrees,
+    at::TensorList context_terms, bool residual, c10::string_view activation,
+    c10::string_view transformer, double tail_bound, double min_bin_width,
+    double min_bin_height, double min_derivative);
 
 // The backward's parameter gradients from each layer's output cotangent grad_pre [B, out] and
 // the input its linear read, layer_input [B, in] (both in the plan's sorted order): one GEMM per

@@ -32,13 +32,6 @@ namespace {
 
 constexpr int kUnits = 4;  // units computed together, so each row vector is loaded once
 
-activation::Kind activation_for(const std::string& name) {
-  if (name == "elu") return activation::kElu;
-  if (name == "tanh") return activation::kTanh;
-  if (name == "gelu") return activation::kGelu;
-  return activation::kRelu;
-}
-
 // The kind is a template argument inside, so each loop is one formula.
 template <int A, typename scalar_t>
 void activate_as(scalar_t* v, int64_t n) {
@@ -187,7 +180,7 @@ MadeTile<scalar_t>::MadeTile(const MadePlan& plan, bool keep_for_backward)
       n_(static_cast<int64_t>(plan.weights.size())),
       hidden_(n_ - 1),
       keep_(keep_for_backward),
-      act_(activation_for(plan.activation)) {
+      act_(plan.activation_kind) {
   w_.resize(n_);
   b_.resize(n_);
   c_.assign(hidden_, nullptr);
