@@ -60,10 +60,16 @@ class TinyMAF(nn.Module):
             total = total + lad
         return self.base.log_prob(x).sum(-1) + total
 
-    def sample(self, n, one_pass=True):
-        z = torch.randn(n, self.features)
+    def sample(self, n, one_pass=True, composite=False):
+        """one_pass: made_inverse (the kernel of the device; composite=True: the ATen-composed
+        implementation instead); else the D-pass inversion."""
+        z = torch.randn(n, self.features, device=self.layers[0].weights[0].device)
         for made in reversed(self.layers):
-            z, _ = made.inverse_autoregressive(z) if one_pass else made.inverse_naive(z)
+            if composite:
+                args = (z, list(made.weights), list(made.biases), made.degrees, [])
+                z, _ = torch.ops.nflux._made_inverse_composite(*args, False, "relu", "affine", 3.0, 1e-3, 1e-3, 1e-3)
+            else:
+                z, _ = made.inverse_autoregressive(z) if one_pass else made.inverse_naive(z)
         return z
 
 
@@ -169,18 +175,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--sections", nargs="+", choices=["sample", "train"], default=["sample", "train"])
     parser.add_argument("--train-batch", type=int, default=1024)
+    parser.add_argument("--device", default="cpu", help="cuda: sampling only (peers are timed on cpu; "
+                        "made_inverse has no native CUDA backward yet)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if "sample" in args.sections:
         sampling_table(args)
-    if "train" in args.sections:
+    if "train" in args.sections and args.device == "cpu":
         training_table(args.dims, args.train_batch, args.rounds)
 
 
 def sampling_table(args) -> None:
-    B = args.batch
-    print(f"MAF sampling: {LAYERS} layers, hidden {HIDDEN}, affine, batch {B}, device cpu, "
+    B, device = args.batch, args.device
+    print(f"MAF sampling: {LAYERS} layers, hidden {HIDDEN}, affine, batch {B}, device {device}, "
           f"threads={torch.get_num_threads()} torch={torch.__version__} "
           f"nflux extension={nflux.build_info()['extension_loaded']}")
     rows = []
@@ -188,25 +196,28 @@ def sampling_table(args) -> None:
     with torch.no_grad():
         for D in args.dims:
             torch.manual_seed(0)
-            model = TinyMAF(D)
+            model = TinyMAF(D).to(device)
             x = model.sample(B)
             print(f"D={D}: max |one-pass - D-pass| over a 256-sample draw: {check_agreement(model, 256):.2e}")
             cases = {
                 "nflux one-pass": (lambda: model.sample(B), lambda: model.log_prob(x), False),
                 "nflux D-pass": (lambda: model.sample(B, one_pass=False), lambda: model.log_prob(x), True),
             }
-            for name, (sample, log_prob) in peers(D).items():
+            if device != "cpu":  # the persistent kernel vs one small GEMM per layer and step
+                cases["nflux one-pass ATen composite"] = (lambda: model.sample(B, composite=True),
+                                                          lambda: model.log_prob(x), False)
+            for name, (sample, log_prob) in (peers(D) if device == "cpu" else {}).items():
                 cases[name] = (lambda s=sample: s(B), lambda lp=log_prob: lp(x), True)
             times = {}
             for name, (sample, log_prob, slow) in cases.items():
-                if slow and D >= 32:
+                if slow and D >= 32 and device == "cpu":
                     t_s = H.time_fn(sample, repeat=1, warmup=0, min_time=0)
-                    t_l = H.time_fn(log_prob, repeat=5, warmup=1)
+                    t_l = H.time_fn(log_prob, device=device, repeat=5, warmup=1)
                 else:  # interleaved rounds, best of each: other load on the machine inflates, never deflates
                     t_s = t_l = float("inf")
                     for _ in range(args.rounds):
-                        t_s = min(t_s, H.time_fn(sample, repeat=5, warmup=1))
-                        t_l = min(t_l, H.time_fn(log_prob, repeat=5, warmup=1))
+                        t_s = min(t_s, H.time_fn(sample, device=device, repeat=5, warmup=1))
+                        t_l = min(t_l, H.time_fn(log_prob, device=device, repeat=5, warmup=1))
                 times[name] = (t_s, t_l)
             ours = times["nflux one-pass"][0]
             for name, (t_s, t_l) in times.items():
