@@ -35,10 +35,26 @@ struct MadeInverseArgs {
   double tail_bound = 3, min_bin_width = 1e-3, min_bin_height = 1e-3, min_derivative = 1e-3;
 };
 
+// The backward's inputs and outputs (device pointers, the dtype of MadeInverseArgs).
+struct MadeInverseGrads {
+  const void* grad_x = nullptr;          // [B, D]
+  const void* grad_logabsdet = nullptr;  // [B]
+  void* grad_y = nullptr;                // [B, D]
+  // Per layer (hidden layers, then the output layer), sorted as the plan: the cotangent of the
+  // linear output [B, width] and the input the linear read [B, fan_in].
+  void* grad_pre[kMadeMaxLayers] = {};
+  void* layer_input[kMadeMaxLayers] = {};
+};
+
 // One launch of a persistent kernel: each block takes tiles of rows in turn and walks the
 // degrees with the tile's hidden units in shared memory. Returns cudaErrorInvalidConfiguration
 // if even a one-row tile does not fit in shared memory (the caller then takes another path).
 cudaError_t made_inverse_forward(const MadeInverseArgs& args, cudaStream_t stream);
+
+// The backward in one launch: recomputes the sweep per tile, then the reverse sweep; the same
+// shared-memory rule (and cudaErrorInvalidConfiguration) as the forward, with more per row.
+cudaError_t made_inverse_backward(const MadeInverseArgs& args, const MadeInverseGrads& grads,
+                                  cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace nflux

@@ -18,7 +18,7 @@ from nflux.ops._checks import check_made_inverse_args, check_rq_spline_args
 # made_inverse runs natively in float32/float64 only; half types take the reference.
 _NATIVE_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
 # Where the native backward runs; elsewhere the gradient goes through the reference.
-_NATIVE_BACKWARD_DTYPES = {"cpu": (torch.float32, torch.float64)}
+_NATIVE_BACKWARD_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
 
 
 def made_inverse(
@@ -96,7 +96,7 @@ def _backward(ctx, grad_x, grad_logabsdet):
     if not _extension.native(y, _NATIVE_BACKWARD_DTYPES):
         return reference_backward(ctx, grad_x, grad_logabsdet)
     # Native: recomputes x, solves J^T v = g in one reverse sweep over the degrees, then one
-    # GEMM per layer for the parameters (see csrc/cpu/made_inverse_tile.cpp).
+    # GEMM per layer for the parameters (csrc/cpu/made_inverse_tile.cpp, csrc/cuda/made_inverse.cu).
     g_y, g_w, g_b, g_c = torch.ops.nflux.made_inverse_backward(
         grad_x, grad_logabsdet, y, list(weights), list(biases), ctx.degrees, list(context_terms), *ctx.options
     )
