@@ -84,6 +84,21 @@ def test_gradcheck_with_context(transformer, residual):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
+def test_double_backward():
+    """create_graph=True takes the differentiable reference backward: second derivatives exist."""
+    made = _made(D=3, hidden=(5, 5), transformer="affine", context=True, activation="tanh")
+    y = torch.randn(4, 3, dtype=torch.float64)
+    c = torch.randn(4, 3, dtype=torch.float64)
+    leaves, n, degrees = _leaves(made, y, c)
+    kw = _kw(made, "affine")
+
+    def fn(*t):
+        y, w, b, c = _split(t, n)
+        return nflux.ops.made_inverse(y, w, b, degrees, c, **kw)
+
+    assert torch.autograd.gradgradcheck(fn, leaves)
+
+
 def test_unread_units_get_zero_gradient():
     """Hidden units of degree >= D feed nothing: their weights' gradients are exactly 0, and the
     masked-out entries of every weight get 0 although the stored weights are unmasked."""

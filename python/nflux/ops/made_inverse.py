@@ -93,7 +93,8 @@ def _backward(ctx, grad_x, grad_logabsdet):
     n, c = ctx.sizes
     saved = ctx.saved_tensors
     y, weights, biases, context_terms = saved[0], saved[1 : 1 + n], saved[1 + n : 1 + 2 * n], saved[1 + 2 * n :]
-    if not _extension.native(y, _NATIVE_BACKWARD_DTYPES):
+    # create_graph=True (double backward) needs a differentiable backward: the reference's.
+    if torch.is_grad_enabled() or not _extension.native(y, _NATIVE_BACKWARD_DTYPES):
         return reference_backward(ctx, grad_x, grad_logabsdet)
     # Native: recomputes x, solves J^T v = g in one reverse sweep over the degrees, then one
     # GEMM per layer for the parameters (csrc/cpu/made_inverse_tile.cpp, csrc/cuda/made_inverse.cu).
@@ -108,12 +109,14 @@ def reference_backward(ctx, grad_x, grad_logabsdet):
     saved inputs: serves devices without a native backward, and benchmarks as the baseline."""
     n, c = ctx.sizes
     saved = ctx.saved_tensors
-    leaves = [t.detach().requires_grad_(True) for t in saved]
+    # Under create_graph the saved tensors stay in the graph, so the gradient is differentiable.
+    create_graph = torch.is_grad_enabled()
+    leaves = [t if create_graph and t.requires_grad else t.detach().requires_grad_(True) for t in saved]
     y, weights, biases, context_terms = leaves[0], leaves[1 : 1 + n], leaves[1 + n : 1 + 2 * n], leaves[1 + 2 * n :]
     with torch.enable_grad():
         x, logabsdet = reference.made_inverse(y, weights, biases, ctx.degrees, context_terms, *ctx.options)
         grads = torch.autograd.grad(
-            (x, logabsdet), leaves, (grad_x, grad_logabsdet), allow_unused=True
+            (x, logabsdet), leaves, (grad_x, grad_logabsdet), allow_unused=True, create_graph=create_graph
         )
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
     g_y, g_w, g_b, g_c = grads[0], grads[1 : 1 + n], grads[1 + n : 1 + 2 * n], grads[1 + 2 * n :]
