@@ -46,7 +46,7 @@ made_parameter_grads(const MadePlan& plan, const std::vector<at::Tensor>& grad_p
     grad_w[l] = at::empty_like(sorted).index_copy_(1, cols, grad_w[l]);
     grad_b[l] = at::empty({sorted.size(0)}, sorted.options()).index_copy_(0, plan.row_perm[l], grad_pre[l].sum(0));
     if (has_context && l < hidden)
-      grad_c.push_back(at::empty_like(grad_pre[l]).index_copy_(1, plan.row_perm[l], grad_pre[l]));
+      grad_c.push_back(at::empty(grad_pre[l].sizes(), grad_pre[l].options()).index_copy_(1, plan.row_perm[l], grad_pre[l]));
   }
   return {grad_w, grad_b, grad_c};
 }

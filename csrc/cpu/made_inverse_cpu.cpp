@@ -63,10 +63,11 @@ made_inverse_backward_cpu(const at::Tensor& grad_x, const at::Tensor& grad_logab
   const at::Tensor gx = grad_x.to(y.scalar_type()).contiguous();
   const at::Tensor glad = grad_logabsdet.to(y.scalar_type()).contiguous();
   at::Tensor grad_y = at::empty_like(yc);
+  // Unit-major [units, B], as the tiles hold them; passed on as [B, units] views.
   std::vector<at::Tensor> grad_pre(n), layer_input(n);
   for (int64_t l = 0; l < n; ++l) {
-    grad_pre[l] = at::empty({B, plan.weights[l].size(0)}, y.options());
-    layer_input[l] = at::empty({B, plan.weights[l].size(1)}, y.options());
+    grad_pre[l] = at::empty({plan.weights[l].size(0), B}, y.options());
+    layer_input[l] = at::empty({plan.weights[l].size(1), B}, y.options());
   }
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "made_inverse_backward_cpu", [&] {
@@ -86,6 +87,10 @@ made_inverse_backward_cpu(const at::Tensor& grad_x, const at::Tensor& grad_logab
         }
       });
     });
+  }
+  for (int64_t l = 0; l < n; ++l) {
+    grad_pre[l] = grad_pre[l].t();
+    layer_input[l] = layer_input[l].t();
   }
   auto [grad_w, grad_b, grad_c] = made_parameter_grads(plan, grad_pre, layer_input, !context_terms.empty());
   return {grad_y, grad_w, grad_b, grad_c};

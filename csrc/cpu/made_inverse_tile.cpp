@@ -2,19 +2,21 @@
 //
 // Backward (x = T^-1(y; MADE(x)), outputs x and logabsdet): reverse-mode through the forward
 // sweep. A hidden unit of degree k is read only by units of degree >= k in the next layer and
-// by the parameters of inputs of degree > k, so walking d = D..1 its cotangent is complete at
-// step d = k+1, right after x_d's: per step, the transformer's inverse-direction VJP gives
-// dL/dy_d and the cotangent of x_d's parameters, which is pushed down the layers through the
-// degree-(d-1) units only (transposed products of the same weight slices the forward read).
-// Every admitted weight is read once: the sweep costs one network pass. It is exactly the
-// implicit-function-theorem solve J^T v = g (J = dy/dx, triangular in the order), done one
-// degree group at a time.
+// by the parameters of inputs of degree > k, so walking d = D..1 every reader of the units of
+// degree k = d-1 is known at step d, right after x_d's own cotangent: per step, the
+// transformer's inverse-direction VJP gives dL/dy_d and the cotangent of x_d's parameters, then
+// top down each layer's degree-k units gather their cotangent from their readers (a transposed
+// product over the readers, the mirror of the forward's product over the inputs, so the tile is
+// read in the same pattern; the first layer's units instead add to the inputs they read). Every admitted weight is read once: the sweep costs one network
+// pass. It is exactly the implicit-function-theorem solve J^T v = g (J = dy/dx, triangular in
+// the order), one degree group at a time.
 #include "made_inverse_tile.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include "nflux/activation.h"
 #include "nflux/coupling.h"
@@ -124,7 +126,7 @@ NFLUX_MULTIVERSION void units(const scalar_t* in, int64_t kin, const scalar_t* w
 // The transposed product, for the backward: out[u][t] += sum_{r < count} w[r][u] * g[r][t]
 // for u < U (w points at column u0 of row r0, row stride ldw).
 template <typename scalar_t, int U>
-__attribute__((always_inline)) inline void push_kernel(const scalar_t* g, int64_t count,
+__attribute__((always_inline)) inline void transposed_kernel(const scalar_t* g, int64_t count,
                                                        const scalar_t* w, int64_t ldw,
                                                        scalar_t* out) {
   using V = typename Vec<scalar_t>::type;
@@ -152,21 +154,21 @@ __attribute__((always_inline)) inline void push_kernel(const scalar_t* g, int64_
   }
 }
 
-// out[u] += sum_{r < count} w[r][u] g[r] for the first `inputs` units u.
+// out[u] += sum_{r < readers} w[r][u] g[r] for u < units: the cotangent of `units` inputs of a
+// layer from `readers` of its units (their output cotangents g, weight rows w).
 template <typename scalar_t>
-NFLUX_MULTIVERSION void push(const scalar_t* g, int64_t count, const scalar_t* w, int64_t ldw,
-                             int64_t inputs, scalar_t* out) {
+NFLUX_MULTIVERSION void gather(const scalar_t* g, int64_t readers, const scalar_t* w, int64_t ldw,
+                               int64_t units, scalar_t* out) {
   int64_t u = 0;
-  for (; u + kUnits <= inputs; u += kUnits)
-    push_kernel<scalar_t, kUnits>(g, count, w + u, ldw, out + u * kTile);
-  for (; u < inputs; ++u) push_kernel<scalar_t, 1>(g, count, w + u, ldw, out + u * kTile);
+  for (; u + kUnits <= units; u += kUnits)
+    transposed_kernel<scalar_t, kUnits>(g, readers, w + u, ldw, out + u * kTile);
+  for (; u < units; ++u) transposed_kernel<scalar_t, 1>(g, readers, w + u, ldw, out + u * kTile);
 }
 
-// Unit-major tile rows [units][kTile] -> row-major rows b0.. of a [B, units] buffer.
+// Unit-major tile [units][kTile] -> columns b0.. of a unit-major [units, B] buffer.
 template <typename scalar_t>
-void store_rows(const scalar_t* tile, int64_t count, int64_t rows, scalar_t* dst) {
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t u = 0; u < count; ++u) dst[t * count + u] = tile[u * kTile + t];
+void store_units(const scalar_t* tile, int64_t count, int64_t rows, int64_t batch, scalar_t* dst) {
+  for (int64_t u = 0; u < count; ++u) std::copy(tile + u * kTile, tile + u * kTile + rows, dst + u * batch);
 }
 
 }  // namespace
@@ -317,11 +319,17 @@ void MadeTile<scalar_t>::backward(const scalar_t* y, const scalar_t* grad_x,
   }
   std::fill(g_params_.begin(), g_params_.end(), scalar_t(0));  // the ragged rows stay 0
   scalar_t* g_spline = spline_.data() + P_;
+  // Readers in layer l of the units of degree >= k in layer l-1: its units of degree >= k that
+  // are ever computed (degree < D), a contiguous range of sorted units.
+  auto readers = [&](int64_t l, int64_t k) {
+    const Sorted& s = plan_.sorts[l];
+    return std::make_pair(s.upto(k - 1), s.upto(D_ - 1));
+  };
   for (int64_t d = D_; d >= 1; --d) {
     const int64_t k = d - 1, j = in_perm[k];
     const scalar_t* params = params_.data() + k * P_ * kTile;
     scalar_t* g_params = g_params_.data() + k * P_ * kTile;
-    // x_d's cotangent is complete: its own, plus what every unit of degree >= d pushed.
+    // x_d's cotangent is complete: the first layer's units of degree >= d added theirs.
     for (int64_t t = 0; t < rows; ++t) {
       const acc g_x = static_cast<acc>(grad_x[(b0 + t) * D_ + j]) + static_cast<acc>(g_xs_[k * kTile + t]);
       const acc g_lad = static_cast<acc>(grad_logabsdet[b0 + t]);
@@ -341,47 +349,45 @@ void MadeTile<scalar_t>::backward(const scalar_t* y, const scalar_t* grad_x,
       }
       out.grad_y[(b0 + t) * D_ + j] = static_cast<scalar_t>(g_y);
     }
-    const int64_t H_last = plan_.widths[hidden_ - 1];
-    push(static_cast<const scalar_t*>(g_params), P_, w_[n_ - 1] + k * P_ * H_last, H_last,
-         plan_.sorts[hidden_ - 1].upto(k), g_buf_[hidden_ - 1].data());
-    // Top down, the units of degree k are complete in each layer once the layer above pushed.
+    // Top down: each layer's units of degree k gather from readers complete by now (the layer
+    // above's units of degree >= k, or the parameters of inputs d..D).
     for (int64_t l = hidden_ - 1; l >= 0; --l) {
       const Sorted& s = plan_.sorts[l];
       const int64_t r0 = s.upto(k - 1), r1 = s.upto(k), cnt = r1 - r0;
       if (cnt == 0) continue;
-      const int64_t ldw = l == 0 ? D_ : plan_.widths[l - 1];
-      const scalar_t* wl = w_[l] + r0 * ldw;
+      const int64_t H = plan_.widths[l];
       const int64_t begin = r0 * kTile, size = cnt * kTile;
+      scalar_t* g_out = g_buf_[l].data() + begin;  // zero until now
+      if (l == hidden_ - 1) {
+        gather(static_cast<const scalar_t*>(g_params), (D_ - k) * P_, w_[n_ - 1] + k * P_ * H + r0, H, cnt,
+               g_out);
+      } else {
+        const auto [r_begin, r_end] = readers(l + 1, k);
+        const scalar_t* g_next = g_pre_[l + 1].data() + r_begin * kTile;
+        const scalar_t* w_next = w_[l + 1] + r_begin * H + r0;
+        if (!residual || l % 2 == 1) {
+          gather(g_next, r_end - r_begin, w_next, H, cnt, g_out);
+        } else {  // a stream: read by the next block through act(stream), and by its skip
+          scalar_t* g_gated = g_gated_[l + 1].data() + begin;
+          gather(g_next, r_end - r_begin, w_next, H, cnt, g_gated);
+          times_slope(act_, buf_[l].data() + begin, gated_[l + 1].data() + begin, g_gated, size);
+          const scalar_t* g_skip = g_buf_[l + 2].data() + begin;
+          for (int64_t i = 0; i < size; ++i) g_out[i] = g_gated[i] + g_skip[i];
+        }
+      }
       scalar_t* g_pre = g_pre_[l].data() + begin;
-      const scalar_t* g_out = g_buf_[l].data() + begin;
       std::copy(g_out, g_out + size, g_pre);
-      const bool activated = !residual || l % 2 == 1;
-      if (activated) times_slope(act_, pre_[l].data() + begin, buf_[l].data() + begin, g_pre, size);
-      if (l == 0) {
-        push(static_cast<const scalar_t*>(g_pre), cnt, wl, ldw, k, g_xs_.data());
-        continue;
-      }
-      const int64_t kin = plan_.sorts[l - 1].upto(k);
-      if (!residual) {
-        push(static_cast<const scalar_t*>(g_pre), cnt, wl, ldw, kin, g_buf_[l - 1].data());
-      } else if (l % 2 == 1) {  // through the block's input act(stream), complete at degree k now
-        push(static_cast<const scalar_t*>(g_pre), cnt, wl, ldw, kin, g_gated_[l].data());
-        scalar_t* g_gated = g_gated_[l].data() + begin;
-        times_slope(act_, buf_[l - 1].data() + begin, gated_[l].data() + begin, g_gated, size);
-        scalar_t* g_stream = g_buf_[l - 1].data() + begin;
-        for (int64_t i = 0; i < size; ++i) g_stream[i] += g_gated[i];
-      } else {  // the block's output and the skip connection
-        push(static_cast<const scalar_t*>(g_pre), cnt, wl, ldw, kin, g_buf_[l - 1].data());
-        scalar_t* g_stream = g_buf_[l - 2].data() + begin;
-        for (int64_t i = 0; i < size; ++i) g_stream[i] += g_out[i];
-      }
+      if (!residual || l % 2 == 1) times_slope(act_, pre_[l].data() + begin, buf_[l].data() + begin, g_pre, size);
+      // The inputs are few (D, not a hidden width): the first layer's units add to the inputs
+      // they read instead, so each input's gather is not a lone unit over every reader.
+      if (l == 0) gather(static_cast<const scalar_t*>(g_pre), cnt, w_[0] + r0 * D_, D_, k, g_xs_.data());
     }
   }
   for (int64_t l = 0; l < n_; ++l) {
     const int64_t width = l < hidden_ ? plan_.widths[l] : D_ * P_;
     const int64_t fan_in = l == 0 ? D_ : plan_.widths[l - 1];
-    store_rows(l < hidden_ ? g_pre_[l].data() : g_params_.data(), width, rows, out.grad_pre[l] + b0 * width);
-    store_rows(layer_input(l), fan_in, rows, out.layer_input[l] + b0 * fan_in);
+    store_units(l < hidden_ ? g_pre_[l].data() : g_params_.data(), width, rows, plan_.batch, out.grad_pre[l] + b0);
+    store_units(layer_input(l), fan_in, rows, plan_.batch, out.layer_input[l] + b0);
   }
 }
 

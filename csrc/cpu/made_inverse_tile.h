@@ -16,12 +16,13 @@ namespace nflux {
 
 constexpr int64_t kTile = 64;  // rows per tile: a 256-unit layer is 64 KiB of floats
 
-// What a tile writes to the backward's global buffers, all in the plan's degree-sorted order.
+// What a tile writes to the backward's global buffers, all in the plan's degree-sorted order;
+// unit-major like the tile (contiguous copies; the GEMMs after take them transposed).
 template <typename scalar_t>
 struct TileGradOutputs {
   scalar_t* grad_y = nullptr;              // [B, D], original column order
-  std::vector<scalar_t*> grad_pre;         // per layer [B, width]: d loss / d (layer's linear output)
-  std::vector<scalar_t*> layer_input;      // per layer [B, fan_in]: what the layer's linear read
+  std::vector<scalar_t*> grad_pre;         // per layer [width, B]: d loss / d (layer's linear output)
+  std::vector<scalar_t*> layer_input;      // per layer [fan_in, B]: what the layer's linear read
 };
 
 template <typename scalar_t>
