@@ -158,8 +158,12 @@ section "benchmarks/bench_rq_spline.py --device cuda --bins 256 (workspace path)
 timeout "$BENCH_TIMEOUT" "$PYTHON" benchmarks/bench_rq_spline.py --device cuda --bins 256 --n 262144
 record "bench_rq_spline K=256" $?
 
+section "benchmarks/bench_autoregressive.py --device cuda (made_inverse persistent kernel vs ATen composite vs D-pass)"
+timeout "$BENCH_TIMEOUT" "$PYTHON" benchmarks/bench_autoregressive.py --device cuda --sections sample
+record "bench_autoregressive" $?
+
 for script in benchmarks/bench_*.py; do
-  [[ "$script" == benchmarks/bench_rq_spline.py ]] && continue
+  [[ "$script" == benchmarks/bench_rq_spline.py || "$script" == benchmarks/bench_autoregressive.py ]] && continue
   # Only scripts that take --device; a failure of one does not stop the others.
   if ! timeout 30 "$PYTHON" "$script" --help 2>/dev/null | grep -q -- '--device'; then
     echo "skip $script (no --device option)"

@@ -9,9 +9,9 @@
 // The masks are never read: they are implied by the degrees, so the weights may be stored
 // unmasked.
 //
-// This file: the checks and degree-sorted plan (shared with csrc/cpu/made_inverse_cpu.cpp), and
-// an implementation composed of ATen ops, registered for CUDA (cuBLAS through ATen; one small
-// GEMM per layer and step, no CUDA graph or persistent kernel yet).
+// This file: the checks and degree-sorted plan (shared with the CPU and CUDA kernels), and an
+// implementation composed of ATen ops (one small GEMM per layer and step), which the CUDA
+// binding falls back to where its persistent kernel does not fit (csrc/cuda/made_inverse.cu).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -24,6 +24,7 @@
 
 #include "checks.h"
 #include "made_inverse.h"
+#include "nflux/activation.h"
 
 namespace nflux {
 namespace {
@@ -50,6 +51,8 @@ Sorted sort_by_degree(const int64_t* degree, int64_t n, int64_t D) {
   std::iota(s.perm.begin(), s.perm.end(), 0);
   std::stable_sort(s.perm.begin(), s.perm.end(),
                    [&](int64_t a, int64_t b) { return degree[a] < degree[b]; });
+  s.degree.resize(n);
+  for (int64_t i = 0; i < n; ++i) s.degree[i] = degree[s.perm[i]];
   s.count_le.assign(D + 1, 0);
   for (int64_t i = 0; i < n; ++i)
     if (degree[i] <= D) s.count_le[degree[i]] += 1;
@@ -102,6 +105,10 @@ MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList b
   plan.residual = residual;
   plan.affine = affine;
   plan.activation = std::string(activation);
+  plan.activation_kind = activation == "elu"    ? nflux::activation::kElu
+                         : activation == "tanh" ? nflux::activation::kTanh
+                         : activation == "gelu" ? nflux::activation::kGelu
+                                                : nflux::activation::kRelu;
   plan.tail_bound = tail_bound;
   plan.min_bin_width = min_bin_width;
   plan.min_bin_height = min_bin_height;
@@ -175,19 +182,19 @@ MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList b
   plan.weights.resize(n);
   plan.biases.resize(n);
   plan.context.resize(hidden);
+  plan.row_perm.resize(n);
   at::Tensor prev_perm = plan.in_perm;
   for (int64_t l = 0; l < n; ++l) {
     const at::Tensor rows = l < hidden ? index_tensor(plan.sorts[l].perm, device) : index_tensor(out_rows, device);
     const at::Tensor w = weights[l].index_select(0, rows).index_select(1, prev_perm);
     plan.weights[l] = transpose ? w.t().contiguous() : w.contiguous();
     plan.biases[l] = biases[l].index_select(0, rows).contiguous();
+    plan.row_perm[l] = rows;
     if (l < hidden && !context_terms.empty()) plan.context[l] = context_terms[l].index_select(1, rows).contiguous();
     prev_perm = rows;
   }
   return plan;
 }
-
-namespace {
 
 std::tuple<at::Tensor, at::Tensor> made_inverse_composite(
     const at::Tensor& y, at::TensorList weights, at::TensorList biases, at::IntArrayRef degrees,
@@ -268,15 +275,11 @@ std::tuple<at::Tensor, at::Tensor> made_inverse_composite(
   return {x, logabsdet};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(nflux, CPU, m) { m.impl("_made_inverse_composite", &made_inverse_composite); }
 
 #ifdef NFLUX_WITH_CUDA
-TORCH_LIBRARY_IMPL(nflux, CUDA, m) {
-  m.impl("made_inverse", &made_inverse_composite);
-  m.impl("_made_inverse_composite", &made_inverse_composite);
-}
+// made_inverse itself is registered for CUDA by csrc/cuda/made_inverse_binding.cpp.
+TORCH_LIBRARY_IMPL(nflux, CUDA, m) { m.impl("_made_inverse_composite", &made_inverse_composite); }
 #endif
 
 }  // namespace nflux

@@ -53,12 +53,20 @@ TORCH_LIBRARY(nflux, m) {
       {at::Tag::pt2_compliant_tag});
   // One-pass inversion of a MADE-conditioned autoregressive transform. degrees: the D input
   // degrees, then the degrees of every hidden layer's units (ints, so they are static under
-  // tracing). Its backward is composite (Python, through the differentiable reference).
+  // tracing).
   m.def(
       "made_inverse(Tensor y, Tensor[] weights, Tensor[] biases, int[] degrees, "
       "Tensor[] context_terms, bool residual, str activation, str transformer, float tail_bound, "
       "float min_bin_width, float min_bin_height, float min_derivative) "
       "-> (Tensor x, Tensor logabsdet)",
+      {at::Tag::pt2_compliant_tag});
+  // Recomputes x from the saved inputs; grad_context_terms is empty when context_terms is.
+  m.def(
+      "made_inverse_backward(Tensor grad_x, Tensor grad_logabsdet, Tensor y, Tensor[] weights, "
+      "Tensor[] biases, int[] degrees, Tensor[] context_terms, bool residual, str activation, "
+      "str transformer, float tail_bound, float min_bin_width, float min_bin_height, "
+      "float min_derivative) -> (Tensor grad_y, Tensor[] grad_weights, Tensor[] grad_biases, "
+      "Tensor[] grad_context_terms)",
       {at::Tag::pt2_compliant_tag});
   // The ATen-composed implementation that serves CUDA, exposed so CPU tests cover it too.
   m.def(

@@ -17,6 +17,8 @@ from nflux.ops._checks import check_made_inverse_args, check_rq_spline_args
 
 # made_inverse runs natively in float32/float64 only; half types take the reference.
 _NATIVE_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
+# Where the native backward runs; elsewhere the gradient goes through the reference.
+_NATIVE_BACKWARD_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64)}
 
 
 def made_inverse(
@@ -88,16 +90,33 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_x, grad_logabsdet):
-    # The native op keeps no graph; its gradient is that of the same function written in
-    # differentiable torch (one-pass order), recomputed here from the saved inputs.
     n, c = ctx.sizes
     saved = ctx.saved_tensors
-    leaves = [t.detach().requires_grad_(True) for t in saved]
+    y, weights, biases, context_terms = saved[0], saved[1 : 1 + n], saved[1 + n : 1 + 2 * n], saved[1 + 2 * n :]
+    # create_graph=True (double backward) needs a differentiable backward: the reference's.
+    if torch.is_grad_enabled() or not _extension.native(y, _NATIVE_BACKWARD_DTYPES):
+        return reference_backward(ctx, grad_x, grad_logabsdet)
+    # Native: recomputes x, solves J^T v = g in one reverse sweep over the degrees, then one
+    # GEMM per layer for the parameters (csrc/cpu/made_inverse_tile.cpp, csrc/cuda/made_inverse.cu).
+    g_y, g_w, g_b, g_c = torch.ops.nflux.made_inverse_backward(
+        grad_x, grad_logabsdet, y, list(weights), list(biases), ctx.degrees, list(context_terms), *ctx.options
+    )
+    return (g_y, list(g_w), list(g_b), None, list(g_c), *([None] * len(ctx.options)))
+
+
+def reference_backward(ctx, grad_x, grad_logabsdet):
+    """made_inverse's gradient through the differentiable one-pass reference, recomputed from the
+    saved inputs: serves devices without a native backward, and benchmarks as the baseline."""
+    n, c = ctx.sizes
+    saved = ctx.saved_tensors
+    # Under create_graph the saved tensors stay in the graph, so the gradient is differentiable.
+    create_graph = torch.is_grad_enabled()
+    leaves = [t if create_graph and t.requires_grad else t.detach().requires_grad_(True) for t in saved]
     y, weights, biases, context_terms = leaves[0], leaves[1 : 1 + n], leaves[1 + n : 1 + 2 * n], leaves[1 + 2 * n :]
     with torch.enable_grad():
         x, logabsdet = reference.made_inverse(y, weights, biases, ctx.degrees, context_terms, *ctx.options)
         grads = torch.autograd.grad(
-            (x, logabsdet), leaves, (grad_x, grad_logabsdet), allow_unused=True
+            (x, logabsdet), leaves, (grad_x, grad_logabsdet), allow_unused=True, create_graph=create_graph
         )
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
     g_y, g_w, g_b, g_c = grads[0], grads[1 : 1 + n], grads[1 + n : 1 + 2 * n], grads[1 + 2 * n :]
@@ -108,8 +127,18 @@ def _fake(y, weights, biases, degrees, context_terms, *options):
     return torch.empty_like(y), y.new_empty(y.shape[0])
 
 
+def _fake_backward(grad_x, grad_logabsdet, y, weights, biases, degrees, context_terms, *options):
+    return (
+        torch.empty_like(y),
+        [torch.empty_like(w) for w in weights],
+        [torch.empty_like(b) for b in biases],
+        [torch.empty_like(t) for t in context_terms],
+    )
+
+
 if _extension.loaded:
     torch.library.register_fake("nflux::made_inverse")(_fake)
+    torch.library.register_fake("nflux::made_inverse_backward")(_fake_backward)
     torch.library.register_autograd("nflux::made_inverse", _backward, setup_context=_setup_context)
 
 
