@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default 1: these networks are too small to gain from "
                         "more, and on a busy machine extra threads mostly wait; 0 keeps torch's choice)")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    t.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the training step's model (compile time first, faster steps after)")
+    t.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the training step's model with BACKEND (default inductor): "
+                        "compile time first, faster steps after")
     t.add_argument("--config", help="JSON file of config keys (flags given on the command line win)")
     t.add_argument("--stop-after", dest="stop_after", type=_positive_int,
                    help="stop (checkpointed) after this step, as if interrupted; the schedule still spans --steps")

@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "max_nonfinite": 50,
     "eval_batch": 4096,
     "plot_samples": 2000,
-    "compile": False,        # torch.compile the training loss (model.compile(), before DDP)
+    "compile": False,        # False, or a torch.compile backend ("inductor") for the training loss
     "stop_after": None,      # stop (checkpointed) after this step, as if interrupted; for tests
 }
 
@@ -109,8 +109,10 @@ def make_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
                 key == "lr" and v == 0):
             raise ConfigError(f"{key} must be a {'positive' if key == 'lr' else 'non-negative'} number, got {v!r}")
-    if not isinstance(config["compile"], bool):
-        raise ConfigError(f"compile must be true or false, got {config['compile']!r}")
+    if config["compile"] is True:
+        config["compile"] = "inductor"
+    if not (config["compile"] is False or isinstance(config["compile"], str) and config["compile"]):
+        raise ConfigError(f"compile must be false, true or a torch.compile backend name, got {config['compile']!r}")
     if config["hidden"] is not None:
         h = config["hidden"]
         if isinstance(h, int):

@@ -219,7 +219,7 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
 
     loss_fn: nn.Module = _NegLogLikelihood(model)
     if config["compile"]:
-        loss_fn.compile()  # before DDP, as torch.compile's docs advise
+        loss_fn.compile(backend=config["compile"])  # before DDP, as torch.compile's docs advise
     if ctx.active:
         from torch.nn.parallel import DistributedDataParallel
 
