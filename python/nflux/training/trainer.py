@@ -299,10 +299,12 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
 
     if signal_name or (step < total and not state["stopped_early"]):  # interrupted, checkpointed
         ctx.barrier()  # rank 0's checkpoint is on disk when any rank returns
-        if not quiet:
-            why = f"interrupted by {signal_name}" if signal_name else "stopped (--stop-after)"
-            print(f"{why} after step {step} of {total}; checkpoint written to {ckpt_dir}; "
-                  "continue with --resume", file=sys.stderr if signal_name else sys.stdout)
+        if signal_name and ctx.is_main:  # said even when quiet: the run did not finish
+            print(f"nflux: interrupted by {signal_name} after step {step} of {total}; checkpoint written to "
+                  f"{ckpt_dir}; continue with --resume", file=sys.stderr)
+        elif not quiet:
+            print(f"stopped after step {step} of {total} (--stop-after); checkpoint written to {ckpt_dir}; "
+                  "continue with --resume")
         return {"step": step, "interrupted": True, "signal": signal_name}
 
     metrics: dict[str, Any] = {"step": step, "rank": ctx.rank}
