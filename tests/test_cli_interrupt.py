@@ -38,7 +38,7 @@ def test_sigint_checkpoints_and_resume_is_exact(tmp_path):
             time.sleep(0.01)
         assert proc.poll() is None, "training ended before it could be interrupted"
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()

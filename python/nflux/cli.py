@@ -1,7 +1,10 @@
 """The `nflux` command (also `python -m nflux`): train, evaluate and sample flows.
 
 User errors (bad arguments, missing files, unknown dataset or model, corrupt or mismatched
-checkpoints) print one line `nflux: error: ...` to stderr and exit with status 2.
+checkpoints) print one line `nflux: error: ...` to stderr and exit with status 2. A training
+run stopped by Ctrl-C (SIGINT) or SIGTERM checkpoints, says so in one line and exits with 130.
+Under `torchrun ... -m nflux train` every process runs this same command (see
+`nflux.training.distributed`).
 """
 
 from __future__ import annotations
