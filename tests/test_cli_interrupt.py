@@ -62,3 +62,29 @@ def test_sigint_checkpoints_and_resume_is_exact(tmp_path):
     m_full = json.loads((full / "metrics.json").read_text())
     m_part = json.loads((part / "metrics.json").read_text())
     assert abs(m_full["test_nll_nats"] - m_part["test_nll_nats"]) < 1e-6
+
+
+def test_sigint_to_torchrun_stops_every_rank_at_one_checkpointed_step(tmp_path):
+    """Ctrl-C on torchrun reaches both workers; they stop after the same step (the stop flag
+    is all-reduced) and rank 0 checkpoints it; --resume under torchrun then finishes."""
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen([*torchrun, *ARGS, "--out", str(out)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while logged_steps(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = [line for line in stderr.splitlines() if line.startswith("nflux: interrupted by SIGINT after step")]
+    assert len(said) == 1, stderr  # rank 0 speaks
+    step = int(said[0].split("after step ")[1].split()[0])
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
+    subprocess.run([*torchrun, *ARGS, "--steps", str(step + 5), "--out", str(out), "--resume"],  # last wins
+                   env=ENV, check=True, timeout=600, capture_output=True)
+    assert json.loads((out / "metrics.json").read_text())["steps"] == step + 5
