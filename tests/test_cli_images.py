@@ -55,6 +55,8 @@ def test_image_run_reports_bits_per_dim(run):
     assert own == pytest.approx(m["test_bits_per_dim"], abs=0.05)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [6, 12] and all(math.isfinite(r["val_loss"]) for r in rows)
+    for r in rows:
+        assert r["val_bits_per_dim"] == pytest.approx(r["val_loss"] / (D * math.log(2)), rel=1e-12)
     for name in ("samples.png", "loss.png", "best.safetensors", "config.json"):
         assert (run / name).stat().st_size > 0
 

@@ -284,6 +284,9 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
                 row = {"step": step, "train_loss": loss_v, "val_loss": val,
                        "steps_per_s": (step - last_step) / max(now - last_t, 1e-9),
                        "lr": optimizer.param_groups[0]["lr"]}
+                if task.kind == "image":
+                    row["train_bits_per_dim"] = task.bits_per_dim(loss_v)
+                    row["val_bits_per_dim"] = None if val is None else task.bits_per_dim(val)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 last_t, last_step = now, step
