@@ -16,8 +16,8 @@ import torch
 
 import nflux
 
-__all__ = ["DEFAULTS", "IMAGE_MODELS", "KIND_DEFAULTS", "MODELS", "RECORD_KEYS", "ConfigError", "build_model", "make_config",
-           "model_kwargs", "resolve_for_data"]
+__all__ = ["DEFAULTS", "IMAGE_MODELS", "KIND_DEFAULTS", "MODELS", "RECORD_KEYS", "ConfigError", "build_model",
+           "make_config", "model_kwargs", "resolve_for_data"]
 
 
 class ConfigError(ValueError):
