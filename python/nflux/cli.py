@@ -1,7 +1,10 @@
 """The `nflux` command (also `python -m nflux`): train, evaluate and sample flows.
 
 User errors (bad arguments, missing files, unknown dataset or model, corrupt or mismatched
-checkpoints) print one line `nflux: error: ...` to stderr and exit with status 2.
+checkpoints) print one line `nflux: error: ...` to stderr and exit with status 2. A training
+run stopped by Ctrl-C (SIGINT) or SIGTERM checkpoints, says so in one line and exits with 130.
+Under `torchrun ... -m nflux train` every process runs this same command (see
+`nflux.training.distributed`).
 """
 
 from __future__ import annotations
@@ -17,15 +20,21 @@ examples:
   nflux train nsf --data moons                 # ~1 min on 2 CPU cores; writes runs/nsf-moons/
   nflux train maf --data wine --steps 3000 --hidden 64 64 --out runs/wine
   nflux train nsf --data moons --steps 5000 --resume   # continue from the last checkpoint
+  nflux train glow --data digits               # multi-scale Glow on 8x8 digits (bits/dim)
+  torchrun --nproc_per_node=2 -m nflux train nsf --data moons --out runs/ddp   # 2 processes, DDP
   nflux eval runs/nsf-moons                    # test NLL (nats, data units) of the best weights
   nflux sample runs/nsf-moons -n 5000 --out s.npy   # .npy (data units) or .png
   nflux sample runs/nsf-moons -n 2000 --temperature 0.8 --out s.png
   nflux datasets                               # registered data sets
   nflux info                                   # version, compiled kernels, CUDA
 
-models: nice, realnvp, glow, maf, iaf, nsf (coupling spline), nsf-ar (autoregressive spline).
+models: nice, realnvp, glow, maf, iaf, nsf (coupling spline), nsf-ar (autoregressive spline);
+on image data (digits, image folders) realnvp and glow are the multi-scale image flows.
 A run directory holds config.json (with the data standardiser), metrics.jsonl, metrics.json,
 best.safetensors, checkpoints/, samples.png and loss.png.
+
+Ctrl-C finishes the current step, writes a checkpoint and exits with status 130; --resume
+continues exactly. Under torchrun, --batch is the global batch, split across the processes.
 
 --temperature T scales the standard deviation of the base Gaussian sample by T before it is
 mapped through the flow (T < 1: samples concentrated on high-density regions; T = 1: the
@@ -70,7 +79,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nflux.training.trainer import DEFAULTS, MODELS
+    from nflux.training.config import DEFAULTS, KIND_DEFAULTS, MODELS
 
     p = _Parser(prog="nflux", description="Normalizing flows on fused C++/CUDA torch operators.",
                 epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,11 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(MODELS)} (default {DEFAULTS['model']})")
     t.add_argument("--data", help=f"data set name or .npy/.csv path (default {DEFAULTS['data']})")
     t.add_argument("--data-root", dest="data_root", help="directory of the UCI benchmark files")
-    t.add_argument("--steps", type=_positive_int, help=f"optimizer steps (default {DEFAULTS['steps']})")
-    t.add_argument("--batch", type=_positive_int, help=f"batch size (default {DEFAULTS['batch']})")
+    vec, img = KIND_DEFAULTS["vector"], KIND_DEFAULTS["image"]
+    t.add_argument("--steps", type=_positive_int,
+                   help=f"optimizer steps (default {vec['steps']}; images {img['steps']})")
+    t.add_argument("--batch", type=_positive_int,
+                   help=f"global batch size, split across torchrun processes (default {vec['batch']}; "
+                        f"images {img['batch']})")
     t.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default {DEFAULTS['lr']})")
-    t.add_argument("--layers", type=_positive_int, help="flow layers (default: the model's)")
-    t.add_argument("--hidden", type=_positive_int, nargs="+", help="hidden widths, e.g. --hidden 64 64")
+    t.add_argument("--layers", type=_positive_int,
+                   help="flow layers (default: the model's); images: glow steps per scale, realnvp residual "
+                        "blocks per coupling network")
+    t.add_argument("--hidden", type=_positive_int, nargs="+",
+                   help="hidden widths, e.g. --hidden 64 64; images: one conv width")
+    t.add_argument("--scales", type=_positive_int, help="image models: scales of the multi-scale flow")
     t.add_argument("--bins", type=_positive_int, help="spline bins (nsf, nsf-ar)")
     t.add_argument("--val-every", dest="val_every", type=_positive_int, help="steps between validations")
     t.add_argument("--checkpoint-every", dest="checkpoint_every", type=_positive_int,
@@ -100,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default 1: these networks are too small to gain from "
                         "more, and on a busy machine extra threads mostly wait; 0 keeps torch's choice)")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    t.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the training step's model with BACKEND (default inductor): "
+                        "compile time first, faster steps after")
     t.add_argument("--config", help="JSON file of config keys (flags given on the command line win)")
     t.add_argument("--stop-after", dest="stop_after", type=_positive_int,
                    help="stop (checkpointed) after this step, as if interrupted; the schedule still spans --steps")
@@ -125,12 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_TRAIN_KEYS = ("data", "data_root", "steps", "batch", "lr", "layers", "hidden", "bins", "val_every",
-               "checkpoint_every", "log_every", "patience", "out", "device", "seed", "stop_after")
+_TRAIN_KEYS = ("data", "data_root", "steps", "batch", "lr", "layers", "hidden", "bins", "scales", "val_every",
+               "checkpoint_every", "log_every", "patience", "out", "device", "seed", "compile", "stop_after")
 
 
 def _cmd_train(args) -> int:
-    from nflux.training.trainer import ConfigError, train
+    from nflux.training.config import RECORD_KEYS, ConfigError
+    from nflux.training.trainer import train
 
     config: dict = {}
     if args.config:
@@ -156,28 +177,30 @@ def _cmd_train(args) -> int:
         saved_path = Path(out) / "config.json"
         if saved_path.is_file():
             saved = json.loads(saved_path.read_text())
-            saved = {k: v for k, v in saved.items() if k not in ("standardizer", "model_kwargs", "dataset",
-                                                                  "nflux_version", "stop_after")}
+            saved = {k: v for k, v in saved.items() if k not in (*RECORD_KEYS, "stop_after")}
             config = {**saved, **config}
         config["out"] = out
     config = {**config, **cli}
-    for key in ("standardizer", "model_kwargs", "dataset", "nflux_version"):
+    for key in RECORD_KEYS:
         config.pop(key, None)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     metrics = train(config, resume=args.resume, quiet=args.quiet)
-    return 0 if metrics else 1
+    if metrics.get("signal"):
+        return 130  # interrupted (SIGINT/SIGTERM), checkpointed: the shell's code for Ctrl-C
+    return 0
 
 
 def _cmd_eval(args) -> int:
-    from nflux.training.trainer import evaluate
+    from nflux.training.runs import evaluate
 
     result = evaluate(args.dir, data=args.data, device=args.device)
     path = Path(args.dir) / "eval.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"test nll {result['test_nll_nats']:.6f} nats on {result['data']} ({result['n_test']} examples); "
+    bpd = f", {result['test_bits_per_dim']:.4f} bits/dim" if "test_bits_per_dim" in result else ""
+    print(f"test nll {result['test_nll_nats']:.6f} nats{bpd} on {result['data']} ({result['n_test']} examples); "
           f"wrote {path}")
     return 0
 
@@ -185,7 +208,8 @@ def _cmd_eval(args) -> int:
 def _cmd_sample(args) -> int:
     import numpy as np
 
-    from nflux.training.trainer import plot_samples, sample_run
+    from nflux.training.plots import plot_samples
+    from nflux.training.runs import sample_run
 
     out = Path(args.out) if args.out else Path(args.dir) / f"samples-{args.n}.npy"
     if out.suffix.lower() not in (".npy", ".png"):
@@ -195,11 +219,9 @@ def _cmd_sample(args) -> int:
     if out.suffix.lower() == ".npy":
         np.save(out, x.numpy())
     else:
-        try:
-            plot_samples(None, x, out)
-        except ImportError:
-            raise ValueError("writing .png needs matplotlib: pip install matplotlib") from None
-    print(f"wrote {args.n} samples ({x.shape[1]} dims, data units) to {out}")
+        plot_samples(None, x, out)
+    what = f"images {list(x.shape[1:])}, integer levels" if x.dim() == 4 else f"{x.shape[1]} dims, data units"
+    print(f"wrote {args.n} samples ({what}) to {out}")
     return 0
 
 
