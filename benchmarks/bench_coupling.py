@@ -239,9 +239,9 @@ def main() -> None:
                         own, our_own = max(peaks[name] - floor, 0), max(peaks["nflux"] - floor, 0)
                         # Below the resolution, nflux's own memory is ~0: the ratio is a lower bound.
                         bound = ">= " if our_own < OWN_RESOLUTION else ""
-                        own_ratio = own / max(our_own, OWN_RESOLUTION)
+                        own_ratio = "" if name == "nflux" else f" ({bound}{own / max(our_own, OWN_RESOLUTION):.1f}x)"
                         mem = (f"peak {H.fmt_bytes(peaks[name])} ({peaks[name] / max(peaks['nflux'], 1):.2f}x), "
-                               f"own {H.fmt_bytes(own)} ({bound}{own_ratio:.1f}x), kept {H.fmt_bytes(kept[name])}")
+                               f"own {H.fmt_bytes(own)}{own_ratio}, kept {H.fmt_bytes(kept[name])}")
                     rows.append([name, kind, H.fmt_time(t), f"{t / ours:.2f}x", mem])
             print(f"\n{op} {shape_name} {list(shape)}: memory floor (y, logabsdet, gradients) {H.fmt_bytes(floor)}")
             H.print_table(["impl", "pass", "time", "time / nflux", "memory (/ nflux)"], rows)
