@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -32,9 +33,15 @@ int64_t row_grain(int64_t D) { return std::max<int64_t>(1, 16384 / std::max<int6
 
 // Independent partial sums, so the row reduction does not serialise on one add.
 constexpr int kLanes = 8;
+// Elements per chunk of a row: the chunk's log-scales wait in a stack buffer for the sum.
+constexpr int64_t kChunk = 256;
 
-// One row of the forward (or inverse) pass; returns the row's sum of log(scale). The
-// restrict-qualified pointers and the compile-time variant let the compiler vectorise it.
+// One row of the forward (or inverse) pass; returns the row's sum of log(scale). Each chunk
+// is two loops: the element loop stores y and log(scale) and carries no reduction, so it
+// vectorises like the backward loop for every scale kind (with the sum fused in, GCC could
+// not vectorise the sigmoid variant: it ran ~50x slower than exp); then 8 lanes sum the
+// buffer. The restrict-qualified pointers and the compile-time variant let the compiler
+// vectorise both.
 template <int Kind, bool Clamped, bool Inverse, typename scalar_t, typename acc>
 NFLUX_ROW_CLONES acc forward_row(const scalar_t* __restrict x, const scalar_t* __restrict shift,
                 const scalar_t* __restrict logits, scalar_t* __restrict y, int64_t D, acc c,
@@ -44,17 +51,25 @@ NFLUX_ROW_CLONES acc forward_row(const scalar_t* __restrict x, const scalar_t* _
     return acc(0);
   }
   acc part[kLanes] = {};
-  int64_t j = 0;
-  auto element = [&](int64_t i, acc& sum) {
-    const auto sc = coupling::eval_scale<Kind, Clamped, acc>(static_cast<acc>(logits[i]), c, inv_c);
-    const acc v = static_cast<acc>(x[i]), t = static_cast<acc>(shift[i]);
-    y[i] = static_cast<scalar_t>(Inverse ? (v - t) * sc.inv_scale : v * sc.scale + t);
-    sum += sc.log_scale;
-  };
-  for (; j + kLanes <= D; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) element(j + l, part[l]);
+  alignas(64) acc log_scale[kChunk];
+  for (int64_t j0 = 0; j0 < D; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, D - j0);
+    const scalar_t* __restrict xs = x + j0;
+    const scalar_t* __restrict ts = shift + j0;
+    const scalar_t* __restrict ss = logits + j0;
+    scalar_t* __restrict ys = y + j0;
+    for (int64_t j = 0; j < n; ++j) {
+      const auto sc = coupling::eval_scale<Kind, Clamped, acc>(static_cast<acc>(ss[j]), c, inv_c);
+      const acc v = static_cast<acc>(xs[j]), t = static_cast<acc>(ts[j]);
+      ys[j] = static_cast<scalar_t>(Inverse ? (v - t) * sc.inv_scale : v * sc.scale + t);
+      log_scale[j] = sc.log_scale;
+    }
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) part[l] += log_scale[j + l];
+    }
+    for (; j < n; ++j) part[0] += log_scale[j];
   }
-  for (; j < D; ++j) element(j, part[0]);
   acc total = 0;
   for (int l = 0; l < kLanes; ++l) total += part[l];
   return total;

@@ -13,6 +13,33 @@
 namespace nflux {
 namespace coupling {
 
+// log(1 + z) for z in [0, 1], as the sigmoid's z = exp(-|v|) always is. 1 + z = 2^k (1 + f)
+// with f in [sqrt(1/2) - 1, sqrt(2) - 1] takes one select, then log_poly's Cephes polynomial:
+// none of log_poly's exponent extraction and special cases, which this range never needs.
+NFLUX_HOST_DEVICE float log1p_unit(float z) {
+#if defined(__CUDA_ARCH__)
+  return log1pf(z);
+#else
+  const bool high = z > 0.41421356237309503f;  // 1 + z > sqrt(2): k = 1
+  const float f = high ? (z - 1.0f) * 0.5f : z;
+  const float k = high ? 1.0f : 0.0f;
+  const float f2 = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * f2 - 2.12194440e-4f * k - 0.5f * f2;
+  return f + y + 0.693359375f * k;  // ln 2 in two parts, as in log_poly
+#endif
+}
+
+NFLUX_HOST_DEVICE double log1p_unit(double z) { return log1p(z); }
+
 // Values of the Python/schema `scale_kind` int.
 enum ScaleKind : int { kAdditive = 0, kExp = 1, kSigmoid = 2 };
 
@@ -37,16 +64,18 @@ NFLUX_HOST_DEVICE Scale<T> eval_scale(T s, T clamp, T inv_clamp) {
     r.log_scale = u;
     r.dlog_ds = du_ds;
   } else {
-    // v = u + 2; sigmoid(v) and log sigmoid(v) from e = exp(-|v|), without overflow.
+    // v = u + 2; sigmoid(v) and log sigmoid(v) from e = exp(-|v|), without overflow. One
+    // reciprocal serves the scale and its derivative (one division per element, not three).
     const T v = u + T(2);
     const T e = math_exp(-(v < T(0) ? -v : v));
     const T one_e = T(1) + e;
-    const T l1p = math_log1p(e);
+    const T recip = T(1) / one_e;
+    const T l1p = log1p_unit(e);
     const bool pos = v >= T(0);
-    r.scale = (pos ? T(1) : e) / one_e;
+    r.scale = pos ? recip : e * recip;
     r.inv_scale = pos ? one_e : one_e / e;
     r.log_scale = pos ? -l1p : v - l1p;
-    r.dlog_ds = ((pos ? e : T(1)) / one_e) * du_ds;  // d log sigmoid(v)/dv = 1 - sigmoid(v)
+    r.dlog_ds = (pos ? e * recip : recip) * du_ds;  // d log sigmoid(v)/dv = 1 - sigmoid(v)
   }
   return r;
 }

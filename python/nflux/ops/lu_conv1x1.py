@@ -138,6 +138,47 @@ def _fake_backward(grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bia
     )
 
 
+def _select(args, in_dims, v):
+    return [a if d is None else a.select(d, v) for a, d in zip(args, in_dims)]
+
+
+def _vmap(info, in_dims, x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift=None):
+    size = info.batch_size
+    tensors = (x, perm, lower, upper, log_scale, sign, bias, input_shift)
+    dims = (*in_dims[:7], in_dims[8] if len(in_dims) > 8 else None)
+    if all(d is None for d in dims[1:]):
+        # One W for every vmapped row: the vmapped dimension joins the batch, one GEMM in all.
+        x = x.movedim(dims[0], 0)
+        y, lad = torch.ops.nflux.lu_conv1x1(
+            x.reshape(size * x.shape[1], *x.shape[2:]), perm, lower, upper, log_scale, sign, bias,
+            inverse, input_shift,
+        )
+        return (y.view(x.shape), lad.view(size, -1)), (0, 0)
+    # Batched parameters: one W per vmapped index, so one call each.
+    outs = []
+    for v in range(size):
+        t = _select(tensors, dims, v)
+        outs.append(torch.ops.nflux.lu_conv1x1(*t[:7], inverse, t[7]))
+    return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+
+
+def _vmap_backward(info, in_dims, grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias,
+                   inverse, input_shift=None):
+    # Each vmapped index has its own parameter gradients (a batch-folded call would sum them),
+    # so one call per index. The empty outputs (no bias, no input_shift) stay unbatched.
+    tensors = (grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias, input_shift)
+    dims = (*in_dims[:9], in_dims[10] if len(in_dims) > 10 else None)
+    outs = []
+    for v in range(info.batch_size):
+        t = _select(tensors, dims, v)
+        outs.append(torch.ops.nflux.lu_conv1x1_backward(*t[:9], inverse, t[9]))
+    batched = (True, True, True, True, bias is not None, input_shift is not None)
+    grads = tuple(torch.stack([o[i] for o in outs]) if b else outs[0][i] for i, b in enumerate(batched))
+    return grads, tuple(0 if b else None for b in batched)
+
+
 if _extension.loaded:
     torch.library.register_fake("nflux::lu_conv1x1")(_fake)
     torch.library.register_fake("nflux::lu_conv1x1_backward")(_fake_backward)
+    torch.library.register_vmap("nflux::lu_conv1x1", _vmap)
+    torch.library.register_vmap("nflux::lu_conv1x1_backward", _vmap_backward)

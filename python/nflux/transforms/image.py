@@ -19,6 +19,7 @@ from nflux import ops
 from nflux.nets.conv import GlowConv, ResNetConv, ZeroConvHeads
 from nflux.transforms.base import Compose, Transform
 from nflux.transforms.linear import LULinear
+from nflux.transforms.lu_cache import cached_lu_conv1x1
 from nflux.transforms.normalization import ActNorm
 
 
@@ -95,7 +96,8 @@ class InvConv1x1(LULinear):
 
 class ActNormInvConv1x1(Transform):
     """ActNorm2d followed by InvConv1x1 as one fused op (`nflux.ops.actnorm_lu_conv1x1`: one
-    GEMM per direction). Same parameters, data init and result as the two run in sequence."""
+    GEMM per direction). Same parameters, data init and result as the two run in sequence.
+    Without gradients the folded W and W^-1 are cached as in `LULinear`."""
 
     def __init__(self, channels: int, *, seed: int | None = None):
         super().__init__()
@@ -103,10 +105,24 @@ class ActNormInvConv1x1(Transform):
         self.conv = InvConv1x1(channels, seed=seed)
 
     def _run(self, x, inverse):
-        log_scale, bias = self.actnorm.effective(None if inverse else x)
-        c = self.conv
+        an, c = self.actnorm, self.conv
+        # The forward pass of a training-mode ActNorm may run its data init: never cached.
+        if inverse or not (an.training and an.data_init):
+            cached = cached_lu_conv1x1(
+                c._weight_cache, x, c.perm, c.lower, c.upper, c.log_scale, c.sign, c.bias, inverse=inverse,
+                extra=(an.log_scale, an.bias, an.s0, an.b0), fold=self._folded,
+            )
+            if cached is not None:
+                return cached
+        log_scale, bias = an.effective(None if inverse else x)
         return ops.actnorm_lu_conv1x1(x, c.perm, c.lower, c.upper, c.log_scale, c.sign, c.bias, log_scale, bias,
                                       inverse=inverse)
+
+    def _folded(self):
+        # ActNorm folded into the factors, as actnorm_lu_conv1x1 does.
+        log_scale, bias = self.actnorm.effective()
+        c = self.conv
+        return dict(upper=c.upper * torch.exp(log_scale), log_scale=c.log_scale + log_scale, input_shift=bias)
 
     def forward(self, x, context=None):
         _check_image(x, self.conv.features)

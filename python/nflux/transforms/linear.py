@@ -7,13 +7,15 @@ from torch import nn
 
 from nflux import ops
 from nflux.transforms.base import Transform
+from nflux.transforms.lu_cache import LUCache, cached_lu_conv1x1
 
 
 class LULinear(Transform):
     """y = W x + bias with W = P (L + I)(U + diag(sign * exp(log_scale))), via `nflux.ops.lu_conv1x1`.
 
     log|det W| = sum(log_scale), so the logabsdet costs O(D), and the inverse uses two
-    triangular solves. P and sign are fixed buffers.
+    triangular solves. P and sign are fixed buffers. When no gradient is needed, W and W^-1
+    are built once and kept until a parameter changes (see `nflux.transforms.lu_cache`).
 
     Args:
         features: D.
@@ -45,8 +47,15 @@ class LULinear(Transform):
         self.upper = nn.Parameter(upper.to(dtype))
         self.log_scale = nn.Parameter(log_scale.to(dtype))
         self.bias = nn.Parameter(torch.zeros(features)) if bias else None
+        self._weight_cache = LUCache()
 
     def _apply_op(self, x, inverse):
+        cached = cached_lu_conv1x1(
+            self._weight_cache, x, self.perm, self.lower, self.upper, self.log_scale, self.sign, self.bias,
+            inverse=inverse,
+        )
+        if cached is not None:
+            return cached
         return ops.lu_conv1x1(
             x, self.perm, self.lower, self.upper, self.log_scale, self.sign, self.bias, inverse=inverse
         )
