@@ -33,46 +33,77 @@ int64_t row_grain(int64_t D) { return std::max<int64_t>(1, 16384 / std::max<int6
 
 // Independent partial sums, so the row reduction does not serialise on one add.
 constexpr int kLanes = 8;
-// Elements per chunk of a row: the chunk's log-scales wait in a stack buffer for the sum.
-constexpr int64_t kChunk = 256;
+// Elements per chunk: the chunk's log-scales wait in a stack buffer for the row sums.
+constexpr int64_t kChunk = 1024;
 
-// One row of the forward (or inverse) pass; returns the row's sum of log(scale). Each chunk
-// is two loops: the element loop stores y and log(scale) and carries no reduction, so it
-// vectorises like the backward loop for every scale kind (with the sum fused in, GCC could
-// not vectorise the sigmoid variant: it ran ~50x slower than exp); then 8 lanes sum the
-// buffer. The restrict-qualified pointers and the compile-time variant let the compiler
-// vectorise both.
+// The element loop of the forward (or inverse) pass over n contiguous elements: stores y and
+// log(scale) and carries no reduction, so it vectorises for every scale kind (with the row sum
+// fused in, GCC could not vectorise the sigmoid variant: it ran ~50x slower than exp).
 template <int Kind, bool Clamped, bool Inverse, typename scalar_t, typename acc>
-NFLUX_ROW_CLONES acc forward_row(const scalar_t* __restrict x, const scalar_t* __restrict shift,
-                const scalar_t* __restrict logits, scalar_t* __restrict y, int64_t D, acc c,
-                acc inv_c) {
-  if (Kind == kAdditive) {
-    for (int64_t j = 0; j < D; ++j) y[j] = Inverse ? x[j] - shift[j] : x[j] + shift[j];
-    return acc(0);
+NFLUX_ROW_CLONES void forward_elements(const scalar_t* __restrict x, const scalar_t* __restrict shift,
+                                       const scalar_t* __restrict logits, scalar_t* __restrict y,
+                                       acc* __restrict log_scale, int64_t n, acc c, acc inv_c) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (Kind == kAdditive) {
+      y[j] = Inverse ? x[j] - shift[j] : x[j] + shift[j];
+      continue;
+    }
+    const auto sc = coupling::eval_scale<Kind, Clamped, acc>(static_cast<acc>(logits[j]), c, inv_c);
+    const acc v = static_cast<acc>(x[j]), t = static_cast<acc>(shift[j]);
+    y[j] = static_cast<scalar_t>(Inverse ? (v - t) * sc.inv_scale : v * sc.scale + t);
+    log_scale[j] = sc.log_scale;
   }
+}
+
+template <typename acc>
+NFLUX_ROW_CLONES acc sum_elements(const acc* __restrict v, int64_t n) {
   acc part[kLanes] = {};
-  alignas(64) acc log_scale[kChunk];
-  for (int64_t j0 = 0; j0 < D; j0 += kChunk) {
-    const int64_t n = std::min(kChunk, D - j0);
-    const scalar_t* __restrict xs = x + j0;
-    const scalar_t* __restrict ts = shift + j0;
-    const scalar_t* __restrict ss = logits + j0;
-    scalar_t* __restrict ys = y + j0;
-    for (int64_t j = 0; j < n; ++j) {
-      const auto sc = coupling::eval_scale<Kind, Clamped, acc>(static_cast<acc>(ss[j]), c, inv_c);
-      const acc v = static_cast<acc>(xs[j]), t = static_cast<acc>(ts[j]);
-      ys[j] = static_cast<scalar_t>(Inverse ? (v - t) * sc.inv_scale : v * sc.scale + t);
-      log_scale[j] = sc.log_scale;
-    }
-    int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) part[l] += log_scale[j + l];
-    }
-    for (; j < n; ++j) part[0] += log_scale[j];
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) part[l] += v[j + l];
   }
+  for (; j < n; ++j) part[0] += v[j];
   acc total = 0;
   for (int l = 0; l < kLanes; ++l) total += part[l];
   return total;
+}
+
+// Rows [b0, b1) of the forward (or inverse) pass. Short rows are taken several at a time, as
+// one flat element loop, so a row of 64 features does not pay the loop's set-up (constants,
+// remainder) on its own; long rows go chunk by chunk.
+template <int Kind, bool Clamped, bool Inverse, typename scalar_t, typename acc>
+void forward_block(const scalar_t* x, const scalar_t* shift, const scalar_t* logits, scalar_t* y,
+                   scalar_t* lad, int64_t b0, int64_t b1, int64_t D, acc c, acc inv_c) {
+  alignas(64) acc log_scale[kChunk];
+  if (Kind == kAdditive) {
+    forward_elements<Kind, Clamped, Inverse>(x + b0 * D, shift + b0 * D, logits, y + b0 * D,
+                                             log_scale, (b1 - b0) * D, c, inv_c);
+    for (int64_t b = b0; b < b1; ++b) lad[b] = scalar_t(0);
+    return;
+  }
+  const acc sign = Inverse ? acc(-1) : acc(1);
+  if (D <= kChunk) {
+    const int64_t rows_per_chunk = kChunk / D;
+    for (int64_t r0 = b0; r0 < b1; r0 += rows_per_chunk) {
+      const int64_t rows = std::min(rows_per_chunk, b1 - r0), o = r0 * D;
+      forward_elements<Kind, Clamped, Inverse>(x + o, shift + o, logits + o, y + o, log_scale,
+                                               rows * D, c, inv_c);
+      for (int64_t r = 0; r < rows; ++r) {
+        lad[r0 + r] = static_cast<scalar_t>(sign * sum_elements(log_scale + r * D, D));
+      }
+    }
+    return;
+  }
+  for (int64_t b = b0; b < b1; ++b) {
+    acc total = 0;
+    for (int64_t j0 = 0; j0 < D; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, D - j0), o = b * D + j0;
+      forward_elements<Kind, Clamped, Inverse>(x + o, shift + o, logits + o, y + o, log_scale, n,
+                                               c, inv_c);
+      total += sum_elements(log_scale, n);
+    }
+    lad[b] = static_cast<scalar_t>(sign * total);
+  }
 }
 
 template <int Kind, bool Clamped, bool Inverse, typename scalar_t>
@@ -81,42 +112,44 @@ void forward_rows(const scalar_t* x, const scalar_t* shift, const scalar_t* logi
   using acc = acc_t<scalar_t>;
   const acc c = static_cast<acc>(clamp), inv_c = Clamped ? acc(1) / c : acc(0);
   at::parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t o = b * D;
-      const acc total = forward_row<Kind, Clamped, Inverse>(x + o, shift + o, logits + o, y + o,
-                                                            D, c, inv_c);
-      lad[b] = static_cast<scalar_t>(Inverse ? -total : total);
-    }
+    forward_block<Kind, Clamped, Inverse>(x, shift, logits, y, lad, b0, b1, D, c, inv_c);
   });
 }
 
-// One row of the backward pass. g is the gradient of the op's first output (BroadcastGrad: one
-// value for every element, as from y.sum(), read without materialising it); glad the row's
-// logabsdet gradient; `in` the saved input (x forward, y inverse).
+// Rows [b0, b1) of the backward pass (the row loop inside the multiversioned function, so the
+// element loop's constants are set up once, not per row). g is the gradient of the op's first
+// output (BroadcastGrad: one value for every element, as from y.sum(), read without
+// materialising it); gl the rows' logabsdet gradients; `in` the saved input (x forward, y
+// inverse).
 template <int Kind, bool Clamped, bool Inverse, bool BroadcastGrad, typename scalar_t, typename acc>
-NFLUX_ROW_CLONES void backward_row(const scalar_t* __restrict g, acc glad, const scalar_t* __restrict in,
-                  const scalar_t* __restrict shift, const scalar_t* __restrict logits,
-                  scalar_t* __restrict g_in, scalar_t* __restrict g_shift,
-                  scalar_t* __restrict g_logits, int64_t D, acc c, acc inv_c) {
+NFLUX_ROW_CLONES void backward_block(const scalar_t* __restrict g, const scalar_t* __restrict gl,
+                                     const scalar_t* __restrict in, const scalar_t* __restrict shift,
+                                     const scalar_t* __restrict logits, scalar_t* __restrict g_in,
+                                     scalar_t* __restrict g_shift, scalar_t* __restrict g_logits,
+                                     int64_t b0, int64_t b1, int64_t D, acc c, acc inv_c) {
   const acc g0 = static_cast<acc>(g[0]);
-  for (int64_t j = 0; j < D; ++j) {
-    const acc gv = BroadcastGrad ? g0 : static_cast<acc>(g[j]);
-    if (Kind == kAdditive) {
-      g_in[j] = static_cast<scalar_t>(gv);
-      if (Inverse) g_shift[j] = static_cast<scalar_t>(-gv);  // forward: grad_y itself, not written
-      continue;
-    }
-    const auto sc = coupling::eval_scale<Kind, Clamped, acc>(static_cast<acc>(logits[j]), c, inv_c);
-    const acc v = static_cast<acc>(in[j]);
-    if (Inverse) {
-      const acc x_out = (v - static_cast<acc>(shift[j])) * sc.inv_scale;
-      const acc gy = gv * sc.inv_scale;
-      g_in[j] = static_cast<scalar_t>(gy);
-      g_shift[j] = static_cast<scalar_t>(-gy);
-      g_logits[j] = static_cast<scalar_t>(coupling::inverse_grad_logit(sc, x_out, gv, glad));
-    } else {
-      g_in[j] = static_cast<scalar_t>(gv * sc.scale);
-      g_logits[j] = static_cast<scalar_t>(coupling::forward_grad_logit(sc, v, gv, glad));
+  for (int64_t b = b0; b < b1; ++b) {
+    const acc glad = static_cast<acc>(gl[b]);
+    const int64_t o = b * D;
+    for (int64_t j = o; j < o + D; ++j) {
+      const acc gv = BroadcastGrad ? g0 : static_cast<acc>(g[j]);
+      if (Kind == kAdditive) {
+        g_in[j] = static_cast<scalar_t>(gv);
+        if (Inverse) g_shift[j] = static_cast<scalar_t>(-gv);  // forward: grad_y itself, not written
+        continue;
+      }
+      const auto sc = coupling::eval_scale<Kind, Clamped, acc>(static_cast<acc>(logits[j]), c, inv_c);
+      const acc v = static_cast<acc>(in[j]);
+      if (Inverse) {
+        const acc x_out = (v - static_cast<acc>(shift[j])) * sc.inv_scale;
+        const acc gy = gv * sc.inv_scale;
+        g_in[j] = static_cast<scalar_t>(gy);
+        g_shift[j] = static_cast<scalar_t>(-gy);
+        g_logits[j] = static_cast<scalar_t>(coupling::inverse_grad_logit(sc, x_out, gv, glad));
+      } else {
+        g_in[j] = static_cast<scalar_t>(gv * sc.scale);
+        g_logits[j] = static_cast<scalar_t>(coupling::forward_grad_logit(sc, v, gv, glad));
+      }
     }
   }
 }
@@ -128,13 +161,10 @@ void backward_rows(const scalar_t* g, const scalar_t* gl, const scalar_t* in, co
   using acc = acc_t<scalar_t>;
   const acc c = static_cast<acc>(clamp), inv_c = Clamped ? acc(1) / c : acc(0);
   at::parallel_for(0, B, row_grain(D), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t o = b * D;
-      // The additive variant has no logits and no logits gradient: any row pointer will do.
-      backward_row<Kind, Clamped, Inverse, BroadcastGrad>(
-          BroadcastGrad ? g : g + o, static_cast<acc>(gl[b]), in + o, shift + o, logits + o,
-          g_in + o, g_shift == nullptr ? g_in + o : g_shift + o, g_logits == nullptr ? g_in + o : g_logits + o, D, c, inv_c);
-    }
+    // The additive variant has no logits and no logits gradient: any pointer will do.
+    backward_block<Kind, Clamped, Inverse, BroadcastGrad>(
+        g, gl, in, shift, logits, g_in, g_shift == nullptr ? g_in : g_shift,
+        g_logits == nullptr ? g_in : g_logits, b0, b1, D, c, inv_c);
   });
 }
 
