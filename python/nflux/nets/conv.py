@@ -40,6 +40,12 @@ def _with_context(x: torch.Tensor, context: torch.Tensor | None, context_channel
     return torch.cat([x, context.to(x.dtype)], 1)
 
 
+def _set_layout(module: nn.Module, channels_last: bool) -> None:
+    # Weights stored channels-last too: no layout conversion of every weight on every call.
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+
+
 class ZeroConvHeads(nn.Module):
     """One zero-initialised 3x3 conv per head: `forward` returns a tuple of contiguous NCHW
     outputs with `out_channels[i]` channels each (the last layer of every image conditioner,
@@ -55,6 +61,7 @@ class ZeroConvHeads(nn.Module):
         for conv in self.convs:
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
+        _set_layout(self, channels_last)
 
     def forward(self, h, context=None):
         h = _with_context(h, context, self.context_channels)
@@ -78,6 +85,7 @@ class GlowConv(nn.Module):
             nn.Conv2d(hidden, hidden, 1), nn.ReLU(inplace=True),
         )
         self.head = ZeroConvHeads(hidden, out_channels, channels_last=channels_last)
+        _set_layout(self, channels_last)
 
     def forward(self, x, context=None):
         x = _with_context(x, context, self.context_channels)
@@ -115,6 +123,7 @@ class ResNetConv(nn.Module):
             nn.ReLU(inplace=True),  # on a residual sum or a conv output: neither is saved for backward
         )
         self.head = ZeroConvHeads(hidden, out_channels, channels_last=channels_last)
+        _set_layout(self, channels_last)
 
     def forward(self, x, context=None):
         x = _with_context(x, context, self.context_channels)
