@@ -190,3 +190,12 @@ def test_conditional_compile_fullgraph():
     compiled(x, labels).backward()  # first training batch: ActNorm data init inside the graph
     flow.eval()
     torch.testing.assert_close(compiled(x, labels), loss(x, labels))
+
+
+def test_conditional_dist_batch_shape_with_labels():
+    flow = MODELS["glow"]((1, 4, 4), num_classes=3).eval()
+    d = flow.dist(torch.tensor([0, 2]))
+    assert d.batch_shape == (2,) and d.event_shape == (1, 4, 4)
+    x = d.sample((5,))
+    assert x.shape == (5, 2, 1, 4, 4)
+    torch.testing.assert_close(d.log_prob(x), flow.log_prob(x, torch.tensor([0, 2])))

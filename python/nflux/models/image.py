@@ -122,7 +122,7 @@ class ImageFlow(Flow):
 
     def dist(self, context: torch.Tensor | None = None):
         """This flow as a `torch.distributions.Distribution` with event shape (C, H, W)."""
-        d = super().dist(context)
+        d = super().dist(self._context(context))  # labels as one-hot vectors: batch shape right
         d._event_shape = torch.Size(self.shape)
         return d
 
