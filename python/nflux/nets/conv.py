@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def _with_context(x: torch.Tensor, context: torch.Tensor | None, context_channels: int) -> torch.Tensor:
@@ -47,9 +48,9 @@ def _set_layout(module: nn.Module, channels_last: bool) -> None:
 
 
 class ZeroConvHeads(nn.Module):
-    """One zero-initialised 3x3 conv per head: `forward` returns a tuple of contiguous NCHW
-    outputs with `out_channels[i]` channels each (the last layer of every image conditioner,
-    and on its own the conditional prior of `FactorOut`)."""
+    """One zero-initialised 3x3 conv per head, run as one conv: `forward` returns a tuple of
+    contiguous NCHW outputs with `out_channels[i]` channels each (the last layer of every image
+    conditioner, and on its own the conditional prior of `FactorOut`)."""
 
     def __init__(self, in_channels: int, out_channels: Sequence[int], *, context_channels: int = 0,
                  channels_last: bool = True):
@@ -67,7 +68,12 @@ class ZeroConvHeads(nn.Module):
         h = _with_context(h, context, self.context_channels)
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
-        return tuple(conv(h).contiguous() for conv in self.convs)
+        # All heads as one conv on their stacked weights (the same outputs): one pass over h
+        # forward, and one hidden-sized input gradient backward instead of one per head.
+        weight = torch.cat([conv.weight for conv in self.convs])
+        bias = torch.cat([conv.bias for conv in self.convs])
+        out = F.conv2d(h, weight, bias, padding=1)
+        return tuple(part.contiguous() for part in torch.split(out, self.sizes, 1))
 
 
 class GlowConv(nn.Module):
