@@ -12,6 +12,8 @@ Builds, each the same mathematical model (same parameters, same init, same funct
              op in plain torch, autograd through it; conditioners channels-last too.
   plain      pure torch as one would write it: reference ops, NCHW conditioners, and for Glow
              ActNorm and the 1x1 conv as two separate layers (`fused=False`).
+All three share the rest of the model code: in-place ReLUs after convs, the shift and scale
+heads of a conditioner as one conv (as Glow's code does), ActNorm statistics without a copy.
 
 Every (model, build) pair runs in its own fresh worker process (`--worker`), driven over a
 pipe, so that the extension switch is per process and no pair's allocations can raise
