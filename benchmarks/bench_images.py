@@ -1,89 +1,244 @@
-"""Image-flow benchmark: training step and sampling of Glow.image (fused ActNorm + 1x1 conv vs
-unfused) and RealNVP.image, and digits bits/dim after a fixed number of Adam steps.
+"""Image-flow benchmark: training images/s and peak memory of Glow.image and RealNVP.image, nflux
+vs the same model on the pure-torch reference ops, and digits test bits/dim after a fixed budget.
 
-    python benchmarks/bench_images.py [--device cpu] [--batch 64] [--steps 200] [--threads 2]
-        [--shape 1 8 8] [--hidden 64]
+    python benchmarks/bench_images.py [--configs glow32 realnvp32 glow-digits realnvp-digits]
+        [--rounds 3] [--threads 1] [--bpd-steps 300] [--no-profile]
+    python benchmarks/bench_images.py --configs glow-paper --rounds 2 --bpd-steps 0   # Glow paper size
 
-Times are the best of interleaved rounds (see `_harness.time_interleaved`); peak memory is
-the extra bytes one training step allocates (CUDA: allocator peak; CPU: peak RSS, coarse).
-The bits/dim column trains each model on the digits train split for `--steps` steps (batch
-`--batch`, Adam 1e-3) and evaluates the test split with uniform dequantisation.
+Builds, each the same mathematical model (same parameters, same init, same function):
+  nflux      native ops (fused affine coupling, fused ActNorm + LU 1x1 conv), conditioners in
+             channels-last layout (the library's defaults).
+  ref-ops    the same model code on `nflux.ops.reference` (NFLUX_DISABLE_EXTENSION=1): every
+             op in plain torch, autograd through it; conditioners channels-last too.
+  plain      pure torch as one would write it: reference ops, NCHW conditioners, and for Glow
+             ActNorm and the 1x1 conv as two separate layers (`fused=False`).
+All three share the rest of the model code: in-place ReLUs after convs, the shift and scale
+heads of a conditioner as one conv (as Glow's code does), ActNorm statistics without a copy.
+
+Every (model, build) pair runs in its own fresh worker process (`--worker`), driven over a
+pipe, so that the extension switch is per process and no pair's allocations can raise
+another's memory high-water mark. Times: the workers take turns, one training step each
+(zero_grad, bits_per_dim on a batch of 64 integer images, backward, Adam step) per round; the
+best of `--rounds` rounds is reported (load on a shared machine only ever adds time), after
+two warm-up steps (ActNorm data init, Adam state). Peak memory: in the worker, after the
+warm-up, VmHWM is reset through /proc/self/clear_refs and one training step is run; the peak
+RSS minus the RSS before the step is what that step needs (saved activations, gradients,
+temporaries). The workers run with MALLOC_MMAP_THRESHOLD_=65536, which pins glibc's mmap
+threshold so that every tensor above 64 KiB is mmap'd and unmapped when freed: RSS then follows
+the live tensor bytes instead of glibc's cached heap. Profile: one step under torch.profiler
+in the nflux build; self CPU time split into convolutions (forward + backward), nflux ops
+and the rest (ReLU, elementwise, copies, Adam, ...). Bits/dim: each digits config trains in
+the nflux build for `--bpd-steps` Adam steps (lr 1e-3, batch 64, seed 0) and evaluates the
+test split (uniform dequantisation).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import time
 
-import torch
+SCRIPT = os.path.abspath(__file__)
+sys.path.insert(0, os.path.dirname(SCRIPT))
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402
 
-import nflux  # noqa: E402
-import nflux.data  # noqa: E402
+BUILDS = ("nflux", "ref-ops", "plain")
+CONFIGS = {
+    # name: (model, shape, data, kwargs)
+    "glow32": ("Glow", (3, 32, 32), "random", dict(levels=3, steps=4, hidden=128)),
+    "realnvp32": ("RealNVP", (3, 32, 32), "random", dict(levels=2, hidden=32, blocks=2)),
+    "glow-digits": ("Glow", (1, 8, 8), "digits", dict(levels=2, steps=4, hidden=64)),
+    "realnvp-digits": ("RealNVP", (1, 8, 8), "digits", dict(levels=2, hidden=64, blocks=2)),
+    "glow-paper": ("Glow", (3, 32, 32), "random", dict(levels=3, steps=8, hidden=512)),
+}
+BATCH = 64
 
 
-def models(shape, hidden, levels):
-    return {
-        "Glow (fused)": lambda: nflux.Glow.image(shape, levels=2, steps=4, hidden=hidden, data_levels=levels),
-        "Glow (unfused)": lambda: nflux.Glow.image(shape, levels=2, steps=4, hidden=hidden, data_levels=levels,
-                                                   fused=False),
-        "RealNVP": lambda: nflux.RealNVP.image(shape, levels=2, hidden=hidden, blocks=2, data_levels=levels),
-    }
+# --- worker side ---------------------------------------------------------------------------
+def build_flow(config: str, build: str):
+    import nflux
+
+    model, shape, data, kw = CONFIGS[config]
+    kw = dict(kw, data_levels=17 if data == "digits" else 256, channels_last=build != "plain")
+    if model == "Glow" and build == "plain":
+        kw["fused"] = False
+    return getattr(nflux, model).image(shape, **kw)
+
+
+def load_data(config: str):
+    import torch
+
+    import nflux.data
+
+    _, shape, data, _ = CONFIGS[config]
+    if data == "digits":
+        splits = nflux.data.load("digits")
+        return splits.train, splits.test
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4 * BATCH, *shape), generator=gen).float()
+    return x, x
+
+
+def worker(config: str, build: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    import nflux
+
+    flow = build_flow(config, build)
+    train, test = load_data(config)
+    batch = train[:BATCH]
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
+
+    def step(x=batch):
+        opt.zero_grad(set_to_none=True)
+        flow.bits_per_dim(x).mean().backward()
+        opt.step()
+
+    step()
+    step()
+    reply = {"extension": nflux.build_info()["extension_loaded"],
+             "params": sum(p.numel() for p in flow.parameters())}
+    print(json.dumps(reply), flush=True)
+    for line in sys.stdin:
+        cmd, *args = line.split()
+        if cmd == "step":
+            start = time.perf_counter()
+            step()
+            reply = {"seconds": time.perf_counter() - start}
+        elif cmd == "memory":
+            reply = {"bytes": H.measure_peak_in_process(step)}
+        elif cmd == "profile":
+            reply = profile_step(step)
+        elif cmd == "bpd":
+            reply = {"bpd": train_and_evaluate(flow, opt, train, test, int(args[0]))}
+        else:
+            raise SystemExit(f"unknown command {cmd!r}")
+        print(json.dumps(reply), flush=True)
+
+
+def profile_step(step) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    parts = {"conv": 0.0, "nflux ops": 0.0, "rest": 0.0}
+    for event in prof.key_averages():
+        name, us = event.key, event.self_cpu_time_total
+        if "convolution" in name or name in ("aten::conv2d", "aten::_convolution"):
+            parts["conv"] += us
+        elif name.startswith("nflux::"):
+            parts["nflux ops"] += us
+        else:
+            parts["rest"] += us
+    return parts
+
+
+def train_and_evaluate(flow, opt, train, test, steps: int) -> float:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    flow.train()
+    for _ in range(steps):
+        idx = torch.randint(0, train.shape[0], (BATCH,), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        flow.bits_per_dim(train[idx]).mean().backward()
+        opt.step()
+    flow.eval()
+    torch.manual_seed(1)  # the dequantisation noise of the evaluation
+    with torch.no_grad():
+        bpd = torch.cat([flow.bits_per_dim(test[i : i + 256]) for i in range(0, test.shape[0], 256)])
+    return float(bpd.mean())
+
+
+# --- driver side ---------------------------------------------------------------------------
+class Worker:
+    def __init__(self, config: str, build: str, threads: int):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
+        env.pop("NFLUX_DISABLE_EXTENSION", None)
+        if build != "nflux":
+            env["NFLUX_DISABLE_EXTENSION"] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, SCRIPT, "--worker", config, build, "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--shape", type=int, nargs=3, default=[1, 8, 8])
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--configs", nargs="+", default=["glow32", "realnvp32", "glow-digits", "realnvp-digits"],
+                   choices=list(CONFIGS))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bpd-steps", type=int, default=300)
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--worker", nargs=2, metavar=("CONFIG", "BUILD"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    data = nflux.data.load("digits")
-    levels = data.meta["levels"]
-    shape = tuple(args.shape)
-    if shape != (1, 8, 8):  # speed only: random integer images of the requested shape
-        train = test = torch.randint(0, levels, (1024, *shape)).float()
-    else:
-        train, test = data.train, data.test
-    train, test, dev = train.to(args.device), test.to(args.device), args.device
+    if args.worker:
+        return worker(*args.worker, args.threads)
 
-    rows = []
-    for name, build in models(shape, args.hidden, levels).items():
-        flow = build().to(dev)
-        opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
-        batch = train[: args.batch]
+    import torch
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            flow.bits_per_dim(batch).mean().backward()
-            opt.step()
-
-        def sample():
-            flow.sample(args.batch, temperature=0.7)
-
-        times = H.time_interleaved({"train": step, "sample": sample}, device=dev, rounds=5)
-        peak = H.measure_peak_in_process(step, dev)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        for _ in range(args.steps):
-            idx = torch.randint(0, train.shape[0], (args.batch,), generator=gen).to(dev)
-            opt.zero_grad(set_to_none=True)
-            flow.bits_per_dim(train[idx]).mean().backward()
-            opt.step()
-        flow.eval()
-        with torch.no_grad():
-            bpd = torch.cat([flow.bits_per_dim(test[i : i + 256]) for i in range(0, test.shape[0], 256)]).mean()
-        rows.append([name, H.fmt_time(times["train"]), H.fmt_time(times["sample"]), H.fmt_bytes(peak),
-                     f"{bpd.item():.3f}"])
-    print(f"image flows on {shape}, batch {args.batch}, hidden {args.hidden}, device {dev}, "
-          f"{args.steps} Adam steps for bits/dim")
-    H.print_table(["model", "train step", f"sample {args.batch}", "peak step memory", "test bits/dim"], rows)
+    print(f"image flows, batch {BATCH}, cpu, {args.threads} thread(s) per worker, torch {torch.__version__}, "
+          f"best of {args.rounds} interleaved rounds")
+    rows, notes = [], []
+    for config in args.configs:
+        model, shape, data, kw = CONFIGS[config]
+        workers = {build: Worker(config, build, args.threads) for build in BUILDS}
+        if not workers["nflux"].info["extension"] or workers["ref-ops"].info["extension"]:
+            raise SystemExit("nflux build must load the extension and the reference builds must not")
+        memory = {b: w.ask("memory")["bytes"] for b, w in workers.items()}
+        best = {b: float("inf") for b in BUILDS}
+        for _ in range(args.rounds):
+            for b, w in workers.items():
+                best[b] = min(best[b], w.ask("step")["seconds"])
+        desc = f"{model}.image({shape}, {', '.join(f'{k}={v}' for k, v in kw.items())}) on {data}"
+        for b in BUILDS:
+            rows.append([config, b, H.fmt_time(best[b]), f"{BATCH / best[b]:.1f}",
+                         f"{best[b] / best['nflux']:.2f}x", H.fmt_bytes(memory[b]),
+                         f"{memory[b] / memory['nflux']:.2f}x"])
+        notes.append(f"{config}: {desc}, {workers['nflux'].info['params']:,} parameters")
+        if not args.no_profile:
+            parts = workers["nflux"].ask("profile")
+            total = sum(parts.values())
+            notes.append(f"{config} nflux step profile (self CPU time): "
+                         + ", ".join(f"{k} {v / total:.1%}" for k, v in parts.items()))
+            parts = workers["plain"].ask("profile")
+            total = sum(parts.values())
+            notes.append(f"{config} plain step profile (self CPU time): "
+                         + ", ".join(f"{k} {v / total:.1%}" for k, v in parts.items() if k != "nflux ops"))
+        if data == "digits" and args.bpd_steps:
+            bpd = workers["nflux"].ask(f"bpd {args.bpd_steps}")["bpd"]
+            notes.append(f"{config}: digits test bits/dim after {args.bpd_steps} Adam steps (batch {BATCH}, "
+                         f"lr 1e-3): {bpd:.3f}")
+        for w in workers.values():
+            w.close()
+        print(f"done {config}", file=sys.stderr, flush=True)
+    print("time ratio = time / nflux time (higher: nflux faster); memory ratio = peak step memory / nflux's")
+    H.print_table(["config", "build", "train step", "images/s", "time ratio", "peak step memory", "memory ratio"],
+                  rows)
+    for line in notes:
+        print(line)
 
 
 if __name__ == "__main__":

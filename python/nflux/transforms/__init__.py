@@ -15,12 +15,14 @@ from nflux.transforms.image import (
     ActNormInvConv1x1,
     ChannelCoupling,
     CheckerboardCoupling,
+    ContextPrior2d,
     FactorOut,
     InvConv1x1,
     MultiScale,
     Squeeze,
     checkerboard_mask,
 )
+from nflux.transforms.dequantization import VariationalDequantize
 from nflux.transforms.linear import LULinear
 from nflux.transforms.normalization import ActNorm
 from nflux.transforms.preprocess import Dequantize, Logit, Shift, bits_per_dim, reduce_bits
@@ -30,6 +32,7 @@ __all__ = [
     "ActNorm", "AdditiveCoupling", "AffineCoupling", "Compose", "Inverse", "LULinear",
     "MaskedAffineAutoregressive", "MaskedSplineAutoregressive", "Permutation", "RandomPermutation",
     "ReversePermutation", "SplineCoupling", "Transform", "alternating_mask", "half_mask", "random_mask",
-    "ActNorm2d", "ActNormInvConv1x1", "ChannelCoupling", "CheckerboardCoupling", "Dequantize", "FactorOut",
+    "ActNorm2d", "ActNormInvConv1x1", "ChannelCoupling", "CheckerboardCoupling", "ContextPrior2d", "Dequantize", "FactorOut",
     "InvConv1x1", "Logit", "MultiScale", "Shift", "Squeeze", "bits_per_dim", "checkerboard_mask", "reduce_bits",
+    "VariationalDequantize",
 ]

@@ -3,8 +3,11 @@ masked and channel-split affine couplings with conv conditioners, and Glow/RealN
 multi-scale architecture with factored-out latents.
 
 All follow the transform convention (`forward(x, context=None) -> (y, logabsdet[B])`,
-`inverse`); `context` is accepted for composability and unused. Every shape decision is made
-from static shapes, so each transform compiles with `torch.compile(fullgraph=True)`.
+`inverse`). Couplings, `FactorOut` and `ContextPrior2d` built with `context_channels = K > 0`
+take a context `[B, K]` (a vector seen at every pixel, e.g. a one-hot label) or
+`[B, K, H, W]` (a feature map) in their conditioner; the other transforms ignore the context.
+Every shape decision is made from static shapes, so each transform compiles with
+`torch.compile(fullgraph=True)`.
 """
 
 from __future__ import annotations
@@ -56,9 +59,12 @@ class ActNorm2d(ActNorm):
     pixels), without host syncs (see `nflux.transforms.ActNorm`). logabsdet is
     H * W * sum(log_scale + s0)."""
 
-    def _offsets(self, x):
-        # Channels last and flattened: the vector ActNorm's per-feature stats are per channel.
-        return super()._offsets(x.movedim(1, -1).reshape(-1, self.features))
+    def _batch_stats(self, x):
+        # Per channel, over batch and pixels, reduced in place (no channels-last copy of x).
+        if x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            return x.reshape(-1), torch.ones_like(x.reshape(-1))
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        return mean, var.sqrt()
 
     def effective(self, x: torch.Tensor | None = None):
         """(log_scale, bias) of the affine map in use; runs the data init if `x` is given."""
@@ -139,11 +145,13 @@ def checkerboard_mask(height: int, width: int, parity: int = 0) -> torch.Tensor:
     return ((h + w) % 2 == parity).to(torch.get_default_dtype())[None, None]
 
 
-def _conditioner(kind: str, in_channels: int, out_channels: Sequence[int], hidden: int, blocks: int):
+def _conditioner(kind: str, in_channels: int, out_channels: Sequence[int], hidden: int, blocks: int,
+                 context_channels: int, channels_last: bool):
+    common = dict(context_channels=context_channels, channels_last=channels_last)
     if kind == "resnet":
-        return ResNetConv(in_channels, out_channels, hidden=hidden, blocks=blocks)
+        return ResNetConv(in_channels, out_channels, hidden=hidden, blocks=blocks, **common)
     if kind == "glow":
-        return GlowConv(in_channels, out_channels, hidden=hidden)
+        return GlowConv(in_channels, out_channels, hidden=hidden, **common)
     raise ValueError(f"nflux: conditioner must be 'resnet' or 'glow', got {kind!r}")
 
 
@@ -158,25 +166,26 @@ class CheckerboardCoupling(Transform):
     """
 
     def __init__(self, shape: Sequence[int], parity: int = 0, *, hidden: int = 64, blocks: int = 2,
-                 conditioner: str = "resnet", clamp: float | None = 5.0):
+                 conditioner: str = "resnet", clamp: float | None = 5.0, context_channels: int = 0,
+                 channels_last: bool = True):
         super().__init__()
         C, H, W = shape
         self.channels, self.parity, self.clamp = C, parity, clamp
         self.register_buffer("mask", checkerboard_mask(H, W, parity), persistent=False)
-        self.net = _conditioner(conditioner, C, (C, C), hidden, blocks)
+        self.net = _conditioner(conditioner, C, (C, C), hidden, blocks, context_channels, channels_last)
 
-    def _run(self, x, inverse):
+    def _run(self, x, context, inverse):
         _check_image(x, self.channels)
         mask = self.mask.to(x.dtype)
-        shift, logits = self.net(x * mask)
+        shift, logits = self.net(x * mask, context)
         keep = 1 - mask
         return ops.affine_coupling(x, shift * keep, logits * keep, scale="exp", clamp=self.clamp, inverse=inverse)
 
     def forward(self, x, context=None):
-        return self._run(x, False)
+        return self._run(x, context, False)
 
     def inverse(self, y, context=None):
-        return self._run(y, True)
+        return self._run(y, context, True)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, parity={self.parity}, clamp={self.clamp}"
@@ -194,7 +203,8 @@ class ChannelCoupling(Transform):
     """
 
     def __init__(self, channels: int, parity: int = 0, *, hidden: int = 64, blocks: int = 2,
-                 conditioner: str = "resnet", scale: str = "exp", clamp: float | None = None):
+                 conditioner: str = "resnet", scale: str = "exp", clamp: float | None = None,
+                 context_channels: int = 0, channels_last: bool = True):
         super().__init__()
         if channels < 2:
             raise ValueError(f"nflux: ChannelCoupling needs channels >= 2, got {channels}")
@@ -202,24 +212,25 @@ class ChannelCoupling(Transform):
         first = channels // 2
         self.n_cond = first if parity == 0 else channels - first
         self.n_change = channels - self.n_cond
-        self.net = _conditioner(conditioner, self.n_cond, (self.n_change, self.n_change), hidden, blocks)
+        self.net = _conditioner(conditioner, self.n_cond, (self.n_change, self.n_change), hidden, blocks,
+                                context_channels, channels_last)
 
-    def _run(self, x, inverse):
+    def _run(self, x, context, inverse):
         _check_image(x, self.channels)
         if self.parity == 0:
             xa, xb = x[:, : self.n_cond], x[:, self.n_cond :]
         else:
             xb, xa = x[:, : self.n_change], x[:, self.n_change :]
-        shift, logits = self.net(xa)
+        shift, logits = self.net(xa, context)
         yb, lad = ops.affine_coupling(xb.contiguous(), shift, logits, scale=self.scale, clamp=self.clamp,
                                       inverse=inverse)
         return (torch.cat([xa, yb], 1) if self.parity == 0 else torch.cat([yb, xa], 1)), lad
 
     def forward(self, x, context=None):
-        return self._run(x, False)
+        return self._run(x, context, False)
 
     def inverse(self, y, context=None):
-        return self._run(y, True)
+        return self._run(y, context, True)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, parity={self.parity}, scale={self.scale}, clamp={self.clamp}"
@@ -236,36 +247,71 @@ class FactorOut(Transform):
     eps ~ N(0, T^2) and sets x2 = mu + sigma * eps, as Glow does.
     """
 
-    def __init__(self, channels: int, factored: int | None = None):
+    def __init__(self, channels: int, factored: int | None = None, *, context_channels: int = 0,
+                 channels_last: bool = True):
         super().__init__()
         self.factored = channels // 2 if factored is None else factored
         self.kept = channels - self.factored
         if self.kept < 1 or self.factored < 1:
             raise ValueError(f"nflux: FactorOut needs 1 <= factored < channels, got {self.factored} of {channels}")
         self.channels = channels
-        self.prior = ZeroConvHeads(self.kept, (self.factored, self.factored))
+        self.prior = ZeroConvHeads(self.kept, (self.factored, self.factored), context_channels=context_channels,
+                                   channels_last=channels_last)
 
     def split(self, x, context=None):
         """(x1, eps, logabsdet) for x `[B, C, H, W]`."""
         _check_image(x, self.channels)
         x1, x2 = x[:, : self.kept], x[:, self.kept :].contiguous()
-        mu, log_sigma = self.prior(x1)
+        mu, log_sigma = self.prior(x1, context)
         eps, lad = ops.affine_coupling(x2, mu, log_sigma, scale="exp", inverse=True)
         return x1, eps, lad
 
     def merge(self, x1, eps, context=None):
         """(x, logabsdet of the merge, i.e. +sum(log_sigma))."""
-        mu, log_sigma = self.prior(x1)
+        mu, log_sigma = self.prior(x1, context)
         x2, lad = ops.affine_coupling(eps, mu, log_sigma, scale="exp")
         return torch.cat([x1, x2], 1), lad
 
     def forward(self, x, context=None):
-        x1, eps, lad = self.split(x)
+        x1, eps, lad = self.split(x, context)
         return torch.cat([x1, eps], 1), lad
 
     def inverse(self, y, context=None):
         _check_image(y, self.channels)
-        return self.merge(y[:, : self.kept], y[:, self.kept :].contiguous())
+        return self.merge(y[:, : self.kept], y[:, self.kept :].contiguous(), context)
+
+
+class ContextPrior2d(Transform):
+    """Glow's class-conditional top prior, as a bijection: h ~ N(mu(c), sigma(c)^2) per
+    channel, with (mu, log sigma) = a zero-initialised linear map of the context `[B, K]`
+    (e.g. a one-hot label). Forward: eps = (h - mu) * exp(-log_sigma), logabsdet
+    -H * W * sum(log_sigma); under a standard normal base that is the prior's density of h.
+    """
+
+    def __init__(self, channels: int, context_channels: int):
+        super().__init__()
+        if context_channels < 1:
+            raise ValueError(f"nflux: ContextPrior2d needs context_channels >= 1, got {context_channels}")
+        self.channels, self.context_channels = channels, context_channels
+        self.linear = nn.Linear(context_channels, 2 * channels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def _params(self, h, context):
+        _check_image(h, self.channels)
+        if context is None or context.dim() != 2 or context.shape != (h.shape[0], self.context_channels):
+            got = None if context is None else list(context.shape)
+            raise ValueError(f"nflux: ContextPrior2d needs a context [{h.shape[0]}, {self.context_channels}], got {got}")
+        mu, log_sigma = self.linear(context.to(h.dtype)).chunk(2, dim=1)
+        return mu[:, :, None, None], log_sigma[:, :, None, None], h.shape[2] * h.shape[3]
+
+    def forward(self, x, context=None):
+        mu, log_sigma, pixels = self._params(x, context)
+        return (x - mu) * torch.exp(-log_sigma), -pixels * log_sigma.flatten(1).sum(1)
+
+    def inverse(self, y, context=None):
+        mu, log_sigma, pixels = self._params(y, context)
+        return y * torch.exp(log_sigma) + mu, pixels * log_sigma.flatten(1).sum(1)
 
 
 class MultiScale(Transform):
@@ -303,10 +349,10 @@ class MultiScale(Transform):
         _check_image(x, self.shape[0])
         total, parts = x.new_zeros(x.shape[0]), []
         for i, scale in enumerate(self.scales):
-            x, lad = scale(x)
+            x, lad = scale(x, context)
             total = total + lad
             if i < len(self.factors):
-                x, eps, lad = self.factors[i].split(x)
+                x, eps, lad = self.factors[i].split(x, context)
                 total = total + lad
                 parts.append(eps.flatten(1))
         parts.append(x.flatten(1))
@@ -320,9 +366,9 @@ class MultiScale(Transform):
         x, total = parts[-1], z.new_zeros(B)
         for i in reversed(range(len(self.scales))):
             if i < len(self.factors):
-                x, lad = self.factors[i].merge(x, parts[i])
+                x, lad = self.factors[i].merge(x, parts[i], context)
                 total = total + lad
-            x, lad = self.scales[i].inverse(x)
+            x, lad = self.scales[i].inverse(x, context)
             total = total + lad
         return x, total
 

@@ -42,15 +42,19 @@ class ActNorm(Transform):
             return self.b0, self.s0
         with torch.no_grad():
             # Stats of x as it enters the layer, net of the (zero at init) learnable part.
-            xd = x.detach()
-            mean = xd.mean(0)
-            std = xd.std(0, correction=0) if xd.shape[0] > 1 else torch.ones_like(mean)
+            mean, std = self._batch_stats(x.detach())
             b0 = torch.where(self.initialized, self.b0, -mean.to(self.b0.dtype))
             s0 = torch.where(self.initialized, self.s0, -torch.log(std.to(self.s0.dtype) + self.eps))
             self.b0.copy_(b0)
             self.s0.copy_(s0)
             self.initialized.fill_(True)
         return b0, s0
+
+    def _batch_stats(self, x: torch.Tensor):
+        """Per-feature mean and standard deviation of a batch (std 1 for a single row)."""
+        mean = x.mean(0)
+        std = x.std(0, correction=0) if x.shape[0] > 1 else torch.ones_like(mean)
+        return mean, std
 
     def forward(self, x, context=None):
         b0, s0 = self._offsets(x)

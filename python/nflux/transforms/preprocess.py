@@ -57,6 +57,11 @@ class Dequantize(nn.Module):
         u = torch.rand_like(x) if noise else torch.full_like(x, 0.5)
         return (x + u) / self.levels
 
+    def sample(self, x: torch.Tensor, noise: bool | None = None):
+        """(y, log q(u | x)): the dequantised images and the log density of their noise,
+        0 for uniform noise (the interface of `VariationalDequantize`)."""
+        return self(x, noise), x.new_zeros(x.shape[:-3])
+
     def quantize(self, y: torch.Tensor) -> torch.Tensor:
         return torch.clamp(torch.floor(y * self.levels), 0, self.levels - 1)
 
