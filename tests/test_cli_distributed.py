@@ -4,7 +4,8 @@ and torch.compile; plus the sharding that makes it so.
 
 Tolerances: the processes sum their half-batch gradients where one process sums the whole
 batch, so results differ by rounding, which Adam's normalised steps amplify to ~1e-4 on a
-few parameters over 30 steps. A run that drew different batches per rank, initialised
+few parameters over 30 steps (and to a few 1e-4 on the losses: which GEMM blocking a
+half batch gets changes the summation order). A run that drew different batches per rank, initialised
 ActNorm on a shard, or skipped a step on one rank only would differ by far more.
 """
 
@@ -80,14 +81,14 @@ def test_torchrun_with_resume_matches_single_process(single, tmp_path):
     assert_same_model(single, out, "best.safetensors")
     m_single, m_ddp = metrics(single), metrics(out)
     assert m_ddp["processes"] == 2 and m_single["processes"] == 1
-    assert m_ddp["test_nll_nats"] == pytest.approx(m_single["test_nll_nats"], abs=1e-4)
+    assert m_ddp["test_nll_nats"] == pytest.approx(m_single["test_nll_nats"], abs=1e-3)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
     # Rank 0 writes, once per step (13: the line of the stopped session).
     assert [r["step"] for r in rows] == [10, 13, 20, 30] and [r["step"] for r in ref] == [10, 20, 30]
     for r, s in zip([r for r in rows if r["step"] != 13], ref):
-        assert r["val_loss"] == pytest.approx(s["val_loss"], abs=1e-4)
-        assert r["train_loss"] == pytest.approx(s["train_loss"], abs=1e-4)  # global batch mean
+        assert r["val_loss"] == pytest.approx(s["val_loss"], abs=1e-3)
+        assert r["train_loss"] == pytest.approx(s["train_loss"], abs=1e-3)  # global batch mean
     assert json.loads((out / "config.json").read_text())["batch"] == 64  # the global batch
 
 
