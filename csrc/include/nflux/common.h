@@ -117,6 +117,23 @@ NFLUX_HOST_DEVICE float tanh_poly(float x) {
   return x < 0.0f ? -t : t;  // NaN: far and near are NaN, and so is t
 }
 
+// log(1 + f) + k ln 2 for f in [sqrt(1/2) - 1, sqrt(2) - 1] (Cephes logf's polynomial), the
+// core of log_poly and of coupling's log1p_unit once each has reduced its argument to f and k.
+NFLUX_HOST_DEVICE float log1p_reduced(float f, float k) {
+  const float f2 = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * f2 - 2.12194440e-4f * k - 0.5f * f2;
+  return f + y + 0.693359375f * k;  // ln 2 in two parts
+}
+
 NFLUX_HOST_DEVICE float log_poly(float x) {
   const bool subnormal = x < 1.17549435e-38f;
   const float xs = subnormal ? x * 8388608.0f : x;  // * 2^23
@@ -126,19 +143,7 @@ NFLUX_HOST_DEVICE float log_poly(float x) {
   const bool low = m < 0.707106781186547524f;
   e = low ? e - 1 : e;
   m = low ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  const float fe = static_cast<float>(e);
-  y = y * m * z - 2.12194440e-4f * fe - 0.5f * z;
-  const float result = m + y + 0.693359375f * fe;
+  const float result = log1p_reduced(m, static_cast<float>(e));
   const float inf = float_of(0x7f800000);
   const float nan = float_of(0x7fc00000);
   // x == inf -> inf, x == 0 -> -inf, x < 0 or NaN -> NaN.

@@ -23,18 +23,7 @@ NFLUX_HOST_DEVICE float log1p_unit(float z) {
   const bool high = z > 0.41421356237309503f;  // 1 + z > sqrt(2): k = 1
   const float f = high ? (z - 1.0f) * 0.5f : z;
   const float k = high ? 1.0f : 0.0f;
-  const float f2 = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * f2 - 2.12194440e-4f * k - 0.5f * f2;
-  return f + y + 0.693359375f * k;  // ln 2 in two parts, as in log_poly
+  return log1p_reduced(f, k);
 #endif
 }
 

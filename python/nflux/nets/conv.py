@@ -76,7 +76,18 @@ class ZeroConvHeads(nn.Module):
         return tuple(part.contiguous() for part in torch.split(out, self.sizes, 1))
 
 
-class GlowConv(nn.Module):
+class _ConvConditioner(nn.Module):
+    """A conv body then zero-initialised heads; the context (if any) joins the input as
+    channels. Subclasses set body, head, context_channels and channels_last."""
+
+    def forward(self, x, context=None):
+        x = _with_context(x, context, self.context_channels)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.body(x))
+
+
+class GlowConv(_ConvConditioner):
     """Glow's conditioner: conv3x3 -> ReLU -> conv1x1 -> ReLU -> zero-initialised conv3x3.
 
     The ReLUs run in place (a conv's output is not saved by its backward, so this is safe and
@@ -93,12 +104,6 @@ class GlowConv(nn.Module):
         self.head = ZeroConvHeads(hidden, out_channels, channels_last=channels_last)
         _set_layout(self, channels_last)
 
-    def forward(self, x, context=None):
-        x = _with_context(x, context, self.context_channels)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(self.body(x))
-
 
 class _ResBlock(nn.Module):
     def __init__(self, channels: int):
@@ -114,7 +119,7 @@ class _ResBlock(nn.Module):
         return h + self.net(h)
 
 
-class ResNetConv(nn.Module):
+class ResNetConv(_ConvConditioner):
     """RealNVP's conditioner: conv3x3 in, `blocks` pre-activation residual blocks (two 3x3
     convs each), ReLU, zero-initialised conv3x3 out. No batch norm, so it is the same function
     in training and evaluation (the flow stays exactly invertible in both)."""
@@ -130,9 +135,3 @@ class ResNetConv(nn.Module):
         )
         self.head = ZeroConvHeads(hidden, out_channels, channels_last=channels_last)
         _set_layout(self, channels_last)
-
-    def forward(self, x, context=None):
-        x = _with_context(x, context, self.context_channels)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(self.body(x))
