@@ -75,6 +75,13 @@ at::Tensor block(const at::Tensor& input, int64_t k, const at::Tensor& wt, const
 
 }  // namespace
 
+void check_made_inverse_grads(const at::Tensor& grad_x, const at::Tensor& grad_logabsdet,
+                              const at::Tensor& y) {
+  TORCH_CHECK(grad_x.sizes() == y.sizes(), "nflux: grad_x must have shape ", y.sizes(), ", got ", grad_x.sizes());
+  TORCH_CHECK(grad_logabsdet.dim() == 1 && grad_logabsdet.size(0) == y.size(0),
+              "nflux: grad_logabsdet must have shape [", y.size(0), "], got ", grad_logabsdet.sizes());
+}
+
 MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList biases,
                    at::IntArrayRef degrees, at::TensorList context_terms, bool residual,
                    c10::string_view activation, c10::string_view transformer, double tail_bound,

@@ -46,6 +46,10 @@ MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList b
                    bool transpose);
 
 // The implementation composed of ATen ops (one small GEMM per layer and step): any device.
+// The shapes of made_inverse_backward's incoming gradients: grad_x like y, grad_logabsdet [B].
+void check_made_inverse_grads(const at::Tensor& grad_x, const at::Tensor& grad_logabsdet,
+                              const at::Tensor& y);
+
 std::tuple<at::Tensor, at::Tensor> made_inverse_composite(
     const at::Tensor& y, at::TensorList weights, at::TensorList biases, at::IntArrayRef degrees,
     at::TensorList context_terms, bool residual, c10::string_view activation,

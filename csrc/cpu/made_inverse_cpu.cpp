@@ -56,9 +56,7 @@ made_inverse_backward_cpu(const at::Tensor& grad_x, const at::Tensor& grad_logab
       made_plan(y, weights, biases, degrees, context_terms, residual, activation, transformer,
                 tail_bound, min_bin_width, min_bin_height, min_derivative, /*transpose=*/false);
   const int64_t B = plan.batch, n = static_cast<int64_t>(plan.weights.size());
-  TORCH_CHECK(grad_x.sizes() == y.sizes(), "nflux: grad_x must have shape ", y.sizes(), ", got ", grad_x.sizes());
-  TORCH_CHECK(grad_logabsdet.dim() == 1 && grad_logabsdet.size(0) == B,
-              "nflux: grad_logabsdet must have shape [", B, "], got ", grad_logabsdet.sizes());
+  check_made_inverse_grads(grad_x, grad_logabsdet, y);
   const at::Tensor yc = y.contiguous();
   const at::Tensor gx = grad_x.to(y.scalar_type()).contiguous();
   const at::Tensor glad = grad_logabsdet.to(y.scalar_type()).contiguous();
