@@ -59,22 +59,28 @@ NFLUX_HOST_DEVICE float float_of(int32_t i) {
 #endif
 }
 
-// Branch-free float exp and log (Cephes polynomials, within 2 ulp of libm, inf/NaN/0 kept).
-// A loop over elements that calls them vectorises; a loop calling libm's expf does not.
-NFLUX_HOST_DEVICE float exp_poly(float x) {
-  const float hi = 88.72283905f, lo = -87.33654475f;
-  float xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  // Round x/ln2 to nearest with the 1.5*2^23 trick (no libm call, vectorises on SSE2).
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+// e^x = 2^n * y for x in [-87.3, 88.7]: n = round(x / ln 2), y = e^r with |r| <= ln2 / 2 from
+// Cephes expf's polynomial. Rounds with the 1.5*2^23 trick (no libm call, vectorises on SSE2).
+NFLUX_HOST_DEVICE float exp_reduced(float x, float& n) {
+  n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+// Branch-free float exp and log (Cephes polynomials, within 2 ulp of libm, inf/NaN/0 kept).
+// A loop over elements that calls them vectorises; a loop calling libm's expf does not.
+NFLUX_HOST_DEVICE float exp_poly(float x) {
+  const float hi = 88.72283905f, lo = -87.33654475f;
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  float n;
+  const float y = exp_reduced(xc, n);
   // 2^n in two halves, so n = 128 (x near hi) does not overflow the exponent field.
   const int32_t ni = static_cast<int32_t>(n);
   const int32_t half = ni >> 1;
@@ -88,15 +94,8 @@ NFLUX_HOST_DEVICE float exp_poly(float x) {
 NFLUX_HOST_DEVICE float exp_poly_nonpositive(float x) {
   const float lo = -87.33654475f;
   const float xc = x < lo ? lo : x;  // NaN stays NaN
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
+  float n;
+  const float y = exp_reduced(xc, n);
   return y * float_of((static_cast<int32_t>(n) + 127) << 23);  // n in [-126, 0]
 }
 

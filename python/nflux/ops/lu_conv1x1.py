@@ -53,6 +53,18 @@ def lu_conv1x1(
     )
 
 
+def _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias):
+    """Checks ActNorm's [C] parameters and folds its scale into the LU factors: W diag(e^s)
+    scales U's columns and adds s to log_scale. Returns (upper', log_scale')."""
+    check_floating(actnorm_log_scale, "actnorm_log_scale")
+    check_like(actnorm_bias, actnorm_log_scale, "actnorm_bias", "actnorm_log_scale")
+    C = lower.shape[0]
+    for name, t in (("actnorm_log_scale", actnorm_log_scale), ("actnorm_bias", actnorm_bias)):
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"nflux: {name} must have shape [{C}], got {list(t.shape)}")
+    return upper * torch.exp(actnorm_log_scale), log_scale + actnorm_log_scale
+
+
 def actnorm_lu_conv1x1(
     x: torch.Tensor,
     perm: torch.Tensor,
@@ -74,15 +86,9 @@ def actnorm_lu_conv1x1(
     [C, C] weight is built outside the op. logabsdet includes ActNorm's; `inverse=True` undoes
     both (x = a^-1(W^-1 (y - bias))).
     """
-    check_floating(actnorm_log_scale, "actnorm_log_scale")
-    check_like(actnorm_bias, actnorm_log_scale, "actnorm_bias", "actnorm_log_scale")
-    C = lower.shape[0]
-    for name, t in (("actnorm_log_scale", actnorm_log_scale), ("actnorm_bias", actnorm_bias)):
-        if tuple(t.shape) != (C,):
-            raise ValueError(f"nflux: {name} must have shape [{C}], got {list(t.shape)}")
+    folded_upper, folded_log_scale = _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias)
     return lu_conv1x1(
-        x, perm, lower, upper * torch.exp(actnorm_log_scale), log_scale + actnorm_log_scale, sign,
-        bias, inverse=inverse, input_shift=actnorm_bias,
+        x, perm, lower, folded_upper, folded_log_scale, sign, bias, inverse=inverse, input_shift=actnorm_bias
     )
 
 
@@ -104,14 +110,7 @@ def fold_actnorm(
     [C, C]-sized work: a Glow step's ActNorm + 1x1 conv becomes one GEMM, and the gradients
     reach the ActNorm parameters through these small differentiable ops.
     """
-    check_floating(actnorm_log_scale, "actnorm_log_scale")
-    check_like(actnorm_bias, actnorm_log_scale, "actnorm_bias", "actnorm_log_scale")
-    C = lower.shape[0]
-    for name, t in (("actnorm_log_scale", actnorm_log_scale), ("actnorm_bias", actnorm_bias)):
-        if tuple(t.shape) != (C,):
-            raise ValueError(f"nflux: {name} must have shape [{C}], got {list(t.shape)}")
-    folded_upper = upper * torch.exp(actnorm_log_scale)
-    folded_log_scale = log_scale + actnorm_log_scale
+    folded_upper, folded_log_scale = _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias)
     # bias' = W' actnorm_bias + bias is the op itself applied to the one row actnorm_bias: one
     # call (and one backward node) instead of building W' from a dozen small autograd ops.
     folded_bias, _ = lu_conv1x1(actnorm_bias[None], perm, lower, folded_upper, folded_log_scale, sign, bias)
