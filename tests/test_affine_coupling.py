@@ -272,3 +272,25 @@ def test_soft_clamp_float32_across_branches_and_edges(scale):
     nan = nflux.ops.affine_coupling(x[:3][None], shift[:3][None], torch.tensor([[0.1, float("nan"), 3.0]]),
                                     scale=scale, clamp=clamp)[0]
     assert nan.isnan().tolist() == [[False, True, False]]
+
+
+def test_float_exp_scale_over_the_whole_range():
+    # y = 1 * exp(s) + 0 exposes the CPU kernels' polynomial exp (no libm call) at every
+    # magnitude: within 2 ulp of float64 exp rounded to float wherever that is a normal float
+    # above ~1.7e-38, inf past the top, 0 below (a flush, not denormals), NaN kept.
+    s = torch.cat([torch.linspace(-120, 95, 200001), torch.tensor([
+        88.72283, 88.722839, 88.7229, 89.0, 1e30, -1e30, -86.9, -87.0, -87.3, -100.0, -103.0,
+        0.0, -0.0, 1e-40, float("inf"), -float("inf"), float("nan")])])
+    x, shift = torch.ones(1, s.numel()), torch.zeros(1, s.numel())
+    y, lad = nflux.ops.affine_coupling(x, shift, s[None])
+    y_inv, _ = nflux.ops.affine_coupling(x, shift, s[None], inverse=True)  # x * exp(-s)
+    for got, logit in ((y[0], s), (y_inv[0], -s)):
+        want = torch.exp(logit.double())
+        normal = (want >= 1.7e-38) & (want <= torch.finfo(torch.float32).max)
+        ulp = torch.finfo(torch.float32).eps * want[normal]
+        assert ((got[normal].double() - want[normal]).abs() <= 2 * ulp).all()
+        assert got[want > torch.finfo(torch.float32).max].isinf().all()
+        tiny = want < 1.7e-38
+        assert ((got[tiny] == 0) | ((got[tiny].double() - want[tiny]).abs() <= 2 * 2.0**-149 * 2**23)).all()
+        assert got[logit.isnan()].isnan().all()
+    assert lad.isnan().all()  # the row holds a NaN logit

@@ -59,44 +59,51 @@ NFLUX_HOST_DEVICE float float_of(int32_t i) {
 #endif
 }
 
-// e^x = 2^n * y for x in [-87.3, 88.7]: n = round(x / ln 2), y = e^r with |r| <= ln2 / 2 from
-// Cephes expf's polynomial. Rounds with the 1.5*2^23 trick (no libm call, vectorises on SSE2).
-NFLUX_HOST_DEVICE float exp_reduced(float x, float& n) {
-  n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+// e^x = 2^n * y / Scale: n = round(x / ln 2), y = Scale * e^r with |r| <= ln2 / 2 from Cephes
+// expf's polynomial (Scale, a power of two, folded exactly into its coefficients). Rounds with
+// the 1.5*2^23 trick: t = x / ln2 + 1.5*2^23 holds n in its low mantissa bits, and n = t - 1.5*2^23
+// (no libm call, vectorises on SSE2).
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+
+template <int Scale = 1>
+NFLUX_HOST_DEVICE float exp_reduced(float x, float& t, float& n) {
+  constexpr float s = static_cast<float>(Scale);
+  t = x * 1.44269504088896341f + kRoundMagic;
+  n = t - kRoundMagic;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  return p * r * r + r + 1.0f;
+  float p = s * 1.9875691500e-4f;
+  p = p * r + s * 1.3981999507e-3f;
+  p = p * r + s * 8.3334519073e-3f;
+  p = p * r + s * 4.1665795894e-2f;
+  p = p * r + s * 1.6666665459e-1f;
+  p = p * r + s * 5.0000001201e-1f;
+  return (p * r * r + s * r) + s;
 }
 
-// Branch-free float exp and log (Cephes polynomials, within 2 ulp of libm, inf/NaN/0 kept).
+// Branch-free float exp and log (Cephes polynomials, within 2 ulp of libm, inf/NaN kept).
 // A loop over elements that calls them vectorises; a loop calling libm's expf does not.
+// exp_poly takes y = 2 e^r and scales by 2^(n-1), so the top of the range (n = 128) needs no
+// special case: the clamps keep n - 1 in [-145, 127], results beyond FLT_MAX overflow to inf by
+// themselves, and 2^(n-1) is 0 once n - 1 < -126 (results below ~1.7e-38 flush to 0). NaN
+// passes the clamps and poisons y. Two clamps and no select: ~30% cheaper than range checks.
 NFLUX_HOST_DEVICE float exp_poly(float x) {
-  const float hi = 88.72283905f, lo = -87.33654475f;
-  float xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  float n;
-  const float y = exp_reduced(xc, n);
-  // 2^n in two halves, so n = 128 (x near hi) does not overflow the exponent field.
-  const int32_t ni = static_cast<int32_t>(n);
-  const int32_t half = ni >> 1;
-  const float scaled = y * float_of((half + 127) << 23) * float_of((ni - half + 127) << 23);
-  const float inf = float_of(0x7f800000);
-  return x > hi ? inf : (x < lo ? 0.0f : scaled);
+  float xc = x < -100.0f ? -100.0f : x;
+  xc = xc > 89.0f ? 89.0f : xc;
+  float t, n;
+  const float y2 = exp_reduced<2>(xc, t, n);
+  int32_t biased = bits_of(t) - bits_of(kRoundMagic) + 126;  // n - 1 + 127
+  biased = biased < 0 ? 0 : biased;
+  return y2 * float_of(biased << 23);
 }
 
 // exp(x) for x <= 0 or NaN (softmax shifts, exp(-|u|)): no overflow handling needed, results
-// below e^-87.3 flush to ~1e-38 instead of 0. About half the work of exp_poly.
+// below e^-87.3 flush to ~1e-38 instead of 0. A little cheaper than exp_poly.
 NFLUX_HOST_DEVICE float exp_poly_nonpositive(float x) {
   const float lo = -87.33654475f;
   const float xc = x < lo ? lo : x;  // NaN stays NaN
-  float n;
-  const float y = exp_reduced(xc, n);
-  return y * float_of((static_cast<int32_t>(n) + 127) << 23);  // n in [-126, 0]
+  float t, n;
+  const float y = exp_reduced(xc, t, n);
+  return y * float_of((bits_of(t) - bits_of(kRoundMagic) + 127) << 23);  // n in [-126, 0]
 }
 
 // Branch-free float tanh: odd Taylor series to a^9 for |a| < 1/4 (truncation < 1e-8 relative),
