@@ -73,24 +73,10 @@ def rq_spline(
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, widths, heights, derivatives, *options = inputs
-    ctx.save_for_backward(x, widths, heights, derivatives)
-    ctx.options = options
-
-
-def _backward(ctx, grad_outputs, grad_logabsdet):
-    x, widths, heights, derivatives = ctx.saved_tensors
-    # The kernel recomputes the spline from the saved inputs: nothing else was kept.
-    grads = torch.ops.nflux.rq_spline_backward(
-        grad_outputs, grad_logabsdet, x, widths, heights, derivatives, *ctx.options
-    )
-    return (*grads, None, None, None, None, None)
-
-
+# Autograd is registered in C++ (csrc/autograd.cpp): the backward op recomputes the spline from
+# the saved inputs, with no Python on the per-call path.
 if _extension.loaded:
     torch.library.register_fake("nflux::rq_spline")(fake_like(0, 0))
     torch.library.register_fake("nflux::rq_spline_backward")(fake_like(2, 3, 4, 5))
-    torch.library.register_autograd("nflux::rq_spline", _backward, setup_context=_setup_context)
     register_elementwise_vmap("nflux::rq_spline", tensor_args=4, outputs=2)
     register_elementwise_vmap("nflux::rq_spline_backward", tensor_args=6, outputs=4)
