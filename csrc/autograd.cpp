@@ -10,6 +10,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace nflux {
 namespace {
@@ -33,10 +34,11 @@ struct RqSplineOptions {
 
 TensorPair rq_spline_call(const at::Tensor& x, const at::Tensor& widths, const at::Tensor& heights,
                           const at::Tensor& derivatives, const RqSplineOptions& o) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("nflux::rq_spline", "")
-                       .typed<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, bool, double, double, double, double)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nflux::rq_spline", "")
+          .typed<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, bool, double, double, double, double)>();
   return op.call(x, widths, heights, derivatives, o.inverse, o.tail_bound, o.min_bin_width,
                  o.min_bin_height, o.min_derivative);
 }
@@ -68,20 +70,15 @@ class RqSplineFunction : public torch::autograd::Function<RqSplineFunction> {
     // Only the inputs are kept: the backward kernel recomputes the spline from them.
     ctx->save_for_backward({x, widths, heights, derivatives});
     ctx->saved_data["inverse"] = inverse;
-    ctx->saved_data["tail_bound"] = tail_bound;
-    ctx->saved_data["min_bin_width"] = min_bin_width;
-    ctx->saved_data["min_bin_height"] = min_bin_height;
-    ctx->saved_data["min_derivative"] = min_derivative;
+    ctx->saved_data["bounds"] =
+        std::vector<double>{tail_bound, min_bin_width, min_bin_height, min_derivative};
     return {y, lad};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    const RqSplineOptions o{ctx->saved_data["inverse"].toBool(),
-                            ctx->saved_data["tail_bound"].toDouble(),
-                            ctx->saved_data["min_bin_width"].toDouble(),
-                            ctx->saved_data["min_bin_height"].toDouble(),
-                            ctx->saved_data["min_derivative"].toDouble()};
+    const std::vector<double> b = ctx->saved_data["bounds"].toDoubleVector();
+    const RqSplineOptions o{ctx->saved_data["inverse"].toBool(), b[0], b[1], b[2], b[3]};
     // Undefined output gradients arrive as zeros (materialize_grads is on).
     auto [grad_x, grad_widths, grad_heights, grad_derivatives] =
         rq_spline_backward_call(grads[0], grads[1], s[0], s[1], s[2], s[3], o);
