@@ -81,6 +81,37 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert st["param_groups"] == ref_opt["param_groups"]
 
 
+def test_restored_optimizer_state_takes_the_parameters_layout(tmp_path):
+    # A channels-last conv weight: the weights file holds Adam's moments contiguous, restore puts
+    # them back in the parameter's strides, and a fused Adam (which walks parameter and state as
+    # flat memory) then continues exactly like the uninterrupted run.
+    def setup():
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        return conv, torch.optim.Adam(conv.parameters(), lr=0.05, fused=True)
+
+    def train(conv, opt, steps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            x = torch.randn(2, 3, 5, 5, generator=g).to(memory_format=torch.channels_last)
+            opt.zero_grad()
+            conv(x).square().mean().backward()
+            opt.step()
+
+    conv, opt = setup()
+    train(conv, opt, 3, 1)
+    train(conv, opt, 3, 2)
+    conv2, opt2 = setup()
+    train(conv2, opt2, 3, 1)
+    save_checkpoint(tmp_path, 3, conv2, opt2)
+    conv3, opt3 = setup()
+    restore(load_latest(tmp_path), conv3, opt3, rng=False)
+    assert opt3.state[conv3.weight]["exp_avg"].stride() == conv3.weight.stride()
+    train(conv3, opt3, 3, 2)
+    for a, b in zip(conv.parameters(), conv3.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_optimizer_json_keeps_types(tmp_path):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.5}], lr=0.1, momentum=0.9)

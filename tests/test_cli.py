@@ -176,3 +176,30 @@ def test_resume_errors_exit_2(run, tmp_path, capsys):
     err = capsys.readouterr().err
     _one_line_error(code, err)
     assert "--resume" in err
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_trainer_adam_matches_the_default_loop(channels_last):
+    # The trainer's Adam: fused for plain contiguous parameters, foreach for a channels-last
+    # conv weight (torch's fused CPU kernel ignores strides); either way the default Adam's
+    # update up to rounding.
+    from nflux.training.trainer import make_adam
+
+    def setup():
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 4, 3)
+        return conv.to(memory_format=torch.channels_last) if channels_last else conv
+
+    ours, ref = setup(), setup()
+    opt = make_adam(ours.parameters(), lr=0.05, weight_decay=1e-3)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=0.05, weight_decay=1e-3)
+    assert opt.param_groups[0]["fused"] is (None if channels_last else True)
+    assert opt.param_groups[0]["foreach"] is (True if channels_last else None)
+    x = torch.randn(2, 3, 5, 5)
+    for _ in range(5):
+        for model, o in ((ours, opt), (ref, opt_ref)):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            o.step()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

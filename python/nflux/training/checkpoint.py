@@ -389,3 +389,16 @@ def restore(
             optimizer.load_state_dict(checkpoint.optimizer_state)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint optimizer state does not fit this optimizer: {e}") from None
+        _match_parameter_layouts(optimizer)
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Gives restored per-parameter state (Adam's moments) its parameter's strides: the weights
+    file holds them contiguous, a channels-last conv weight is not, and kernels that walk
+    parameter and state as flat memory (torch's fused optimizers) need them to agree."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
