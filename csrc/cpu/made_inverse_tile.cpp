@@ -73,14 +73,14 @@ struct Vec {
   typedef T type __attribute__((vector_size(64)));
 };
 
-// out[u][t] = bias[u] + ctx[t][u] + sum_{k < kin} w[u][k] * in[k][t], for u < U, t < kTile:
-// 2 * U vector accumulators held in registers while k runs.
-template <typename scalar_t, int U>
-__attribute__((always_inline)) inline void units_kernel(const scalar_t* in, int64_t kin,
-                                                        const scalar_t* w, int64_t ldw,
-                                                        const scalar_t* bias, const scalar_t* ctx,
-                                                        int64_t ldc, int64_t rows,
-                                                        scalar_t* out) {
+// out[u][t] = start[u][t] + sum_{k < count} w[u * unit_stride + k * k_stride] * in[k][t], for
+// u < U, t < kTile: 2 * U vector accumulators held in registers while k runs. start(u, t0, v)
+// writes unit u's starting values for rows [t0, t0 + 2 vectors) to v.
+template <typename scalar_t, int U, typename Start>
+__attribute__((always_inline)) inline void accumulate_kernel(const scalar_t* in, int64_t count,
+                                                             const scalar_t* w, int64_t unit_stride,
+                                                             int64_t k_stride, Start start,
+                                                             scalar_t* out) {
   using V = typename Vec<scalar_t>::type;
   constexpr int L = 64 / sizeof(scalar_t);
   static_assert(kTile % (2 * L) == 0, "kTile must be a multiple of two vectors");
@@ -88,17 +88,16 @@ __attribute__((always_inline)) inline void units_kernel(const scalar_t* in, int6
     V acc[U][2];
     for (int u = 0; u < U; ++u) {
       scalar_t init[2 * L];
-      for (int v = 0; v < 2 * L; ++v)
-        init[v] = bias[u] + (ctx != nullptr && t0 + v < rows ? ctx[(t0 + v) * ldc + u] : scalar_t(0));
+      start(u, t0, init);
       std::memcpy(&acc[u][0], init, sizeof(V));
       std::memcpy(&acc[u][1], init + L, sizeof(V));
     }
-    for (int64_t k = 0; k < kin; ++k) {
+    for (int64_t k = 0; k < count; ++k) {
       V a0, a1;
       std::memcpy(&a0, in + k * kTile + t0, sizeof(V));
       std::memcpy(&a1, in + k * kTile + t0 + L, sizeof(V));
       for (int u = 0; u < U; ++u) {
-        const scalar_t wk = w[u * ldw + k];
+        const scalar_t wk = w[u * unit_stride + k * k_stride];
         acc[u][0] += wk * a0;
         acc[u][1] += wk * a1;
       }
@@ -108,6 +107,21 @@ __attribute__((always_inline)) inline void units_kernel(const scalar_t* in, int6
       std::memcpy(out + u * kTile + t0 + L, &acc[u][1], sizeof(V));
     }
   }
+}
+
+// out[u][t] = bias[u] + ctx[t][u] + sum_{k < kin} w[u][k] * in[k][t], for u < U, t < kTile.
+template <typename scalar_t, int U>
+__attribute__((always_inline)) inline void units_kernel(const scalar_t* in, int64_t kin,
+                                                        const scalar_t* w, int64_t ldw,
+                                                        const scalar_t* bias, const scalar_t* ctx,
+                                                        int64_t ldc, int64_t rows,
+                                                        scalar_t* out) {
+  constexpr int L = 64 / sizeof(scalar_t);
+  auto start = [&](int u, int64_t t0, scalar_t* v) {
+    for (int i = 0; i < 2 * L; ++i)
+      v[i] = bias[u] + (ctx != nullptr && t0 + i < rows ? ctx[(t0 + i) * ldc + u] : scalar_t(0));
+  };
+  accumulate_kernel<scalar_t, U>(in, kin, w, ldw, 1, start, out);
 }
 
 template <typename scalar_t>
@@ -129,29 +143,11 @@ template <typename scalar_t, int U>
 __attribute__((always_inline)) inline void transposed_kernel(const scalar_t* g, int64_t count,
                                                        const scalar_t* w, int64_t ldw,
                                                        scalar_t* out) {
-  using V = typename Vec<scalar_t>::type;
   constexpr int L = 64 / sizeof(scalar_t);
-  for (int64_t t0 = 0; t0 < kTile; t0 += 2 * L) {
-    V acc[U][2];
-    for (int u = 0; u < U; ++u) {
-      std::memcpy(&acc[u][0], out + u * kTile + t0, sizeof(V));
-      std::memcpy(&acc[u][1], out + u * kTile + t0 + L, sizeof(V));
-    }
-    for (int64_t r = 0; r < count; ++r) {
-      V a0, a1;
-      std::memcpy(&a0, g + r * kTile + t0, sizeof(V));
-      std::memcpy(&a1, g + r * kTile + t0 + L, sizeof(V));
-      for (int u = 0; u < U; ++u) {
-        const scalar_t wr = w[r * ldw + u];
-        acc[u][0] += wr * a0;
-        acc[u][1] += wr * a1;
-      }
-    }
-    for (int u = 0; u < U; ++u) {
-      std::memcpy(out + u * kTile + t0, &acc[u][0], sizeof(V));
-      std::memcpy(out + u * kTile + t0 + L, &acc[u][1], sizeof(V));
-    }
-  }
+  auto start = [&](int u, int64_t t0, scalar_t* v) {
+    std::memcpy(v, out + u * kTile + t0, 2 * L * sizeof(scalar_t));
+  };
+  accumulate_kernel<scalar_t, U>(g, count, w, 1, ldw, start, out);
 }
 
 // out[u] += sum_{r < readers} w[r][u] g[r] for u < units: the cotangent of `units` inputs of a
