@@ -36,11 +36,14 @@ at::Tensor act_elu(const at::Tensor& t) { return at::elu(t); }
 at::Tensor act_tanh(const at::Tensor& t) { return at::tanh(t); }
 at::Tensor act_gelu(const at::Tensor& t) { return at::gelu(t); }
 
-Activation activation_for(c10::string_view name) {
-  if (name == "relu") return act_relu;
-  if (name == "elu") return act_elu;
-  if (name == "tanh") return act_tanh;
-  if (name == "gelu") return act_gelu;
+// The ATen activation of each nflux::activation::Kind, in the enum's order.
+constexpr Activation kActivations[] = {act_relu, act_elu, act_tanh, act_gelu};
+
+int activation_kind_for(c10::string_view name) {
+  if (name == "relu") return nflux::activation::kRelu;
+  if (name == "elu") return nflux::activation::kElu;
+  if (name == "tanh") return nflux::activation::kTanh;
+  if (name == "gelu") return nflux::activation::kGelu;
   TORCH_CHECK(false, "nflux: activation must be one of relu, elu, tanh, gelu, got '",
               std::string(name), "'");
 }
@@ -101,7 +104,7 @@ MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList b
   TORCH_CHECK(context_terms.empty() || static_cast<int64_t>(context_terms.size()) == hidden,
               "nflux: context_terms must be empty or have one entry per hidden layer (", hidden,
               "), got ", context_terms.size());
-  activation_for(activation);
+  const int activation_kind = activation_kind_for(activation);
   const bool affine = transformer == "affine";
   TORCH_CHECK(affine || transformer == "rq_spline",
               "nflux: transformer must be 'affine' or 'rq_spline', got '", std::string(transformer), "'");
@@ -111,11 +114,7 @@ MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList b
   plan.features = D;
   plan.residual = residual;
   plan.affine = affine;
-  plan.activation = std::string(activation);
-  plan.activation_kind = activation == "elu"    ? nflux::activation::kElu
-                         : activation == "tanh" ? nflux::activation::kTanh
-                         : activation == "gelu" ? nflux::activation::kGelu
-                                                : nflux::activation::kRelu;
+  plan.activation_kind = activation_kind;
   plan.tail_bound = tail_bound;
   plan.min_bin_width = min_bin_width;
   plan.min_bin_height = min_bin_height;
@@ -211,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> made_inverse_composite(
   const MadePlan plan =
       made_plan(y, weights, biases, degrees, context_terms, residual, activation, transformer,
                 tail_bound, min_bin_width, min_bin_height, min_derivative, /*transpose=*/true);
-  const Activation act = activation_for(activation);
+  const Activation act = kActivations[plan.activation_kind];
   const int64_t B = plan.batch, D = plan.features, P = plan.params, K = plan.bins;
   const int64_t n = static_cast<int64_t>(plan.weights.size()), hidden = n - 1;
   const std::vector<int64_t>& width = plan.widths;

@@ -25,7 +25,6 @@ struct Sorted {
 struct MadePlan {
   int64_t batch = 0, features = 0, params = 0, bins = 0;
   bool residual = false, affine = true;
-  std::string activation;
   int activation_kind = 0;            // nflux::activation::Kind
   double tail_bound = 3, min_bin_width = 1e-3, min_bin_height = 1e-3, min_derivative = 1e-3;
   std::vector<int64_t> widths;        // out features per layer, the output layer last

@@ -140,7 +140,7 @@ _TRAIN_KEYS = ("data", "data_root", "steps", "batch", "lr", "layers", "hidden", 
 
 
 def _cmd_train(args) -> int:
-    from nflux.training.config import RECORD_KEYS, ConfigError
+    from nflux.training.config import ConfigError
     from nflux.training.trainer import train
 
     config: dict = {}
@@ -167,12 +167,11 @@ def _cmd_train(args) -> int:
         saved_path = Path(out) / "config.json"
         if saved_path.is_file():
             saved = json.loads(saved_path.read_text())
-            saved = {k: v for k, v in saved.items() if k not in (*RECORD_KEYS, "stop_after")}
+            # make_config drops the recorded keys (standardizer, levels, ...) in train().
+            saved = {k: v for k, v in saved.items() if k != "stop_after"}
             config = {**saved, **config}
         config["out"] = out
     config = {**config, **cli}
-    for key in RECORD_KEYS:
-        config.pop(key, None)
     if args.threads:
         import torch
 

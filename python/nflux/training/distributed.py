@@ -2,7 +2,7 @@
 trainer needs, behind one object that is a no-op in a single process.
 
     ctx = Distributed.from_env(device)   # torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else 1 process
-    ctx.sum(t)                           # all-reduce SUM in place (nothing with 1 process)
+    ctx.sum_floats(a, b)                 # each value summed over ranks (itself with 1 process)
 
 Conventions of the trainer built on it (`nflux.training.trainer`):
 
@@ -66,12 +66,6 @@ class Distributed:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=10))
         return cls(rank, dist.get_world_size(), local_rank, device, owns)
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """All-reduce SUM in place (returns t). The result is the same on every rank."""
-        if self.active:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
 
     def sum_floats(self, *values: float) -> list[float]:
         """Each value summed over ranks (float64; the values themselves with one process)."""

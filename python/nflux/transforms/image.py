@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nflux import ops
+from nflux.ops.lu_conv1x1 import _fold_actnorm_scale
 from nflux.nets.conv import GlowConv, ResNetConv, ZeroConvHeads
 from nflux.transforms.base import Compose, Transform
 from nflux.transforms.linear import LULinear
@@ -125,10 +126,11 @@ class ActNormInvConv1x1(Transform):
                                       inverse=inverse)
 
     def _folded(self):
-        # ActNorm folded into the factors, as actnorm_lu_conv1x1 does.
+        # ActNorm folded into the factors by actnorm_lu_conv1x1's own helper.
         log_scale, bias = self.actnorm.effective()
         c = self.conv
-        return dict(upper=c.upper * torch.exp(log_scale), log_scale=c.log_scale + log_scale, input_shift=bias)
+        upper, folded_log_scale = _fold_actnorm_scale(c.lower, c.upper, c.log_scale, log_scale, bias)
+        return dict(upper=upper, log_scale=folded_log_scale, input_shift=bias)
 
     def forward(self, x, context=None):
         _check_image(x, self.conv.features)
