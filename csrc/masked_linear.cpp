@@ -9,7 +9,8 @@
 // output-row ranges) outside which the mask is zero. A MADE whose units are sorted by degree has
 // staircase masks, so a few rectangles cover them with little waste; each rectangle is one GEMM
 // over only its admitted inputs, in the forward pass and in both gradients, and rows in no
-// rectangle get the bias alone. W * M is formed only inside the rectangles.
+// rectangle get the bias alone. W * M is formed only inside the rectangles. Only in float32 and
+// float64: half types run on AMX or tensor cores, where one dense GEMM beats several narrow ones.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -46,6 +47,13 @@ std::vector<MaskBlock> parse_blocks(at::IntArrayRef blocks, int64_t out, int64_t
   return parsed;
 }
 
+// The rectangles of `blocks`, or none (the dense path) for half types.
+std::vector<MaskBlock> blocks_for(const at::Tensor& input, at::IntArrayRef blocks, int64_t out, int64_t in) {
+  std::vector<MaskBlock> parsed = parse_blocks(blocks, out, in);
+  if (input.scalar_type() != at::kFloat && input.scalar_type() != at::kDouble) parsed.clear();
+  return parsed;
+}
+
 at::Tensor masked_block(const at::Tensor& weight, const at::Tensor& mask, const MaskBlock& b) {
   return weight.slice(0, b.r0, b.r1).slice(1, b.c0, b.c1) *
          mask.slice(0, b.r0, b.r1).slice(1, b.c0, b.c1);
@@ -67,7 +75,7 @@ at::Tensor masked_linear(const at::Tensor& input, const at::Tensor& weight,
                          at::IntArrayRef blocks) {
   check_masked_linear_args(input, weight, bias, mask);
   const int64_t out = weight.size(0), in = weight.size(1);
-  const std::vector<MaskBlock> parsed = parse_blocks(blocks, out, in);
+  const std::vector<MaskBlock> parsed = blocks_for(input, blocks, out, in);
   if (parsed.empty()) return at::linear(input, weight * mask, bias);
 
   const at::Tensor x2 = input.reshape({-1, in});
@@ -107,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
   TORCH_CHECK(grad_output.dim() == input.dim() && grad_output.size(-1) == out,
               "nflux: grad_output must have shape [..., ", out, "] matching input, got ",
               grad_output.sizes());
-  const std::vector<MaskBlock> parsed = parse_blocks(blocks, out, in);
+  const std::vector<MaskBlock> parsed = blocks_for(input, blocks, out, in);
   const at::Tensor g2 = grad_output.reshape({-1, out});
   const at::Tensor x2 = input.reshape({-1, in});
   at::Tensor grad_bias = g2.sum(0);

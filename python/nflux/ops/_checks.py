@@ -16,9 +16,11 @@ def check_floating(tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"nflux: {name} must be a floating-point tensor, got dtype {tensor.dtype}")
 
 
-def check_like(tensor: torch.Tensor, reference: torch.Tensor, name: str, reference_name: str) -> None:
+def check_like(
+    tensor: torch.Tensor, reference: torch.Tensor, name: str, reference_name: str, same_dtype: bool = True
+) -> None:
     check_floating(tensor, name)
-    if tensor.dtype != reference.dtype:
+    if same_dtype and tensor.dtype != reference.dtype:
         raise ValueError(
             f"nflux: {name} has dtype {tensor.dtype} but {reference_name} has dtype {reference.dtype}"
         )
@@ -141,12 +143,13 @@ def check_lu_conv1x1_args(
 
 
 def check_masked_linear_args(
-    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor, same_dtype: bool = True
 ) -> None:
-    """Validates masked_linear's arguments: input [..., I], weight and mask [O, I], bias [O]."""
+    """Validates masked_linear's arguments: input [..., I], weight and mask [O, I], bias [O]
+    (of one dtype, unless `same_dtype=False`: autocast then casts them)."""
     check_floating(input, "input")
-    check_like(weight, input, "weight", "input")
-    check_like(mask, input, "mask", "input")
+    check_like(weight, input, "weight", "input", same_dtype)
+    check_like(mask, input, "mask", "input", same_dtype)
     if weight.dim() != 2:
         raise ValueError(f"nflux: weight must have shape [out, in], got {list(weight.shape)}")
     if mask.shape != weight.shape:
@@ -156,7 +159,7 @@ def check_masked_linear_args(
     if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
         raise ValueError(f"nflux: input must have shape [..., {weight.shape[1]}], got {list(input.shape)}")
     if bias is not None:
-        check_like(bias, input, "bias", "input")
+        check_like(bias, input, "bias", "input", same_dtype)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"nflux: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
 

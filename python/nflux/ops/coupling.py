@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from nflux import _extension
-from nflux.ops import reference
+from nflux.ops import _autocast, reference
 from nflux.ops._checks import check_affine_coupling_args
 
 def affine_coupling(
@@ -32,15 +32,16 @@ def affine_coupling(
         `(y, logabsdet)`: y shaped like x; logabsdet `[batch]`, log|det dy/dx| summed over every
         non-batch dimension (log|det dx/dy| for `inverse=True`).
     """
+    if _autocast.enabled(x):
+        x, shift, scale_logits = _autocast.to_float32_or_wider(x, shift, scale_logits)
     kind = check_affine_coupling_args(x, shift, scale_logits, scale, clamp)
     if _extension.native(x):
         return torch.ops.nflux.affine_coupling(
             x, shift, scale_logits, kind, None if clamp is None else float(clamp), bool(inverse)
         )
     _extension.warn_fallback("affine_coupling", x.device)
-    return reference.affine_coupling(
-        x, shift, scale_logits, scale=scale, clamp=clamp, inverse=inverse
-    )
+    with _autocast.fallback_context(x):
+        return reference.affine_coupling(x, shift, scale_logits, scale=scale, clamp=clamp, inverse=inverse)
 
 
 # The autograd kernel is in C++ (csrc/autograd.cpp): it saves only the inputs and calls

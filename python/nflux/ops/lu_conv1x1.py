@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from nflux import _extension
-from nflux.ops import reference
+from nflux.ops import _autocast, reference
 from nflux.ops._checks import check_floating, check_like, check_lu_conv1x1_args
 
 
@@ -38,6 +38,10 @@ def lu_conv1x1(
     Returns:
         `(y, logabsdet)`; logabsdet is `[B]`, H*W*sum(log_scale) (negated for `inverse=True`).
     """
+    if _autocast.enabled(x):
+        x, lower, upper, log_scale, sign, bias, input_shift = _autocast.to_float32_or_wider(
+            x, lower, upper, log_scale, sign, bias, input_shift
+        )
     check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
     if input_shift is not None:
         check_like(input_shift, x, "input_shift", "x")
@@ -48,9 +52,10 @@ def lu_conv1x1(
             x, perm, lower, upper, log_scale, sign, bias, bool(inverse), input_shift
         )
     _extension.warn_fallback("lu_conv1x1", x.device)
-    return reference.lu_conv1x1(
-        x, perm, lower, upper, log_scale, sign, bias, inverse=inverse, input_shift=input_shift
-    )
+    with _autocast.fallback_context(x):
+        return reference.lu_conv1x1(
+            x, perm, lower, upper, log_scale, sign, bias, inverse=inverse, input_shift=input_shift
+        )
 
 
 def _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias):

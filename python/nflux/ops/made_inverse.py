@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from nflux import _extension
-from nflux.ops import reference
+from nflux.ops import _autocast, reference
 from nflux.ops._checks import check_made_inverse_args, check_rq_spline_args
 
 # made_inverse runs natively in float32/float64 only; half types take the reference.
@@ -60,6 +60,10 @@ def made_inverse(
         `(x, logabsdet)`: x `[B, D]` and log|det dx/dy| `[B]`. Differentiable in y, the
         weights, biases and context terms.
     """
+    if _autocast.enabled(y):
+        y, weights, biases, context_terms = _autocast.to_float32_or_wider(
+            y, list(weights), list(biases), list(context_terms)
+        )
     P = check_made_inverse_args(
         y, weights, biases, degrees, context_terms, residual, activation, transformer
     )
@@ -78,7 +82,8 @@ def made_inverse(
     if _extension.native(y, _NATIVE_DTYPES):
         return torch.ops.nflux.made_inverse(*args)
     _extension.warn_fallback("made_inverse", y.device)
-    return reference.made_inverse(*args)
+    with _autocast.fallback_context(y):
+        return reference.made_inverse(*args)
 
 
 def _setup_context(ctx, inputs, output):
@@ -163,6 +168,8 @@ def autoregressive_transformer(
     Returns:
         `(outputs, logabsdet)` with logabsdet summed over features, `[B]`.
     """
+    if _autocast.enabled(inputs):  # a bfloat16 exp(log_scale) would spoil the inverse
+        inputs, params = _autocast.to_float32_or_wider(inputs, params)
     if transformer == "affine":
         shift, log_scale = params[..., 0], params[..., 1]
         if inverse:

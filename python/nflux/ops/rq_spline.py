@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from nflux import _extension
-from nflux.ops import reference
+from nflux.ops import _autocast, reference
 from nflux.ops._checks import check_rq_spline_args
 from nflux.ops._registration import fake_like, register_elementwise_vmap
 
@@ -37,6 +37,10 @@ def rq_spline(
         log|dy/dx| (log|dx/dy| for `inverse=True`). Outside [-tail_bound, tail_bound] the
         transform is the identity with logabsdet 0; a NaN input gives NaN in both outputs.
     """
+    if _autocast.enabled(inputs):
+        inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives = _autocast.to_float32_or_wider(
+            inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives
+        )
     check_rq_spline_args(
         inputs,
         unnormalized_widths,
@@ -60,17 +64,18 @@ def rq_spline(
             float(min_derivative),
         )
     _extension.warn_fallback("rq_spline", inputs.device)
-    return reference.rq_spline(
-        inputs,
-        unnormalized_widths,
-        unnormalized_heights,
-        unnormalized_derivatives,
-        inverse=inverse,
-        tail_bound=tail_bound,
-        min_bin_width=min_bin_width,
-        min_bin_height=min_bin_height,
-        min_derivative=min_derivative,
-    )
+    with _autocast.fallback_context(inputs):
+        return reference.rq_spline(
+            inputs,
+            unnormalized_widths,
+            unnormalized_heights,
+            unnormalized_derivatives,
+            inverse=inverse,
+            tail_bound=tail_bound,
+            min_bin_width=min_bin_width,
+            min_bin_height=min_bin_height,
+            min_derivative=min_derivative,
+        )
 
 
 # Autograd is registered in C++ (csrc/autograd.cpp): the backward op recomputes the spline from

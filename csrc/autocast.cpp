@@ -1,0 +1,100 @@
+// What torch.autocast does to nflux ops (CPU and CUDA).
+//
+// Mixed precision speeds up a flow's conditioner networks (bf16 GEMMs and convolutions on AMX
+// or tensor cores), but the invertible transforms themselves must stay in float32: their
+// log-determinants sum thousands of terms, and an inverse in bfloat16 (8 bits of mantissa)
+// would not reconstruct its input. So:
+//   - flow transforms (rq_spline, affine_coupling, lu_conv1x1, made_inverse) cast their
+//     floating inputs to float32, or to float64 when one is float64, as torch does for its
+//     "fp32" ops (log_softmax, cumsum, ...): a conditioner's bfloat16 output meets a float32 x;
+//   - masked_linear is a conditioner layer and runs in the autocast dtype, like torch's linear
+//     (its float32 weights are cast once per autocast region, through torch's weight cache).
+//     nflux.ops.masked_linear takes torch's own linear of the masked weight instead, which
+//     autocast casts the same way: fewer casts around its backward;
+//   - the *_backward ops run in the dtypes their forward chose.
+// Every kernel then calls the op with autocast excluded, so the ATen ops inside (the GEMMs of
+// lu_conv1x1 and masked_linear) keep the dtype chosen here instead of being autocast again.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace nflux {
+namespace {
+
+template <typename Fn>
+void for_each_tensor(torch::jit::Stack* stack, size_t arguments, Fn&& visit) {
+  for (auto it = stack->end() - static_cast<std::ptrdiff_t>(arguments); it != stack->end(); ++it) {
+    if (it->isTensor()) {
+      visit(it->toTensor());
+    } else if (it->isTensorList()) {
+      for (const at::Tensor& t : it->toTensorList()) visit(t);
+    }
+  }
+}
+
+template <typename Cast>
+void cast_tensors(torch::jit::Stack* stack, size_t arguments, Cast&& cast) {
+  for (auto it = stack->end() - static_cast<std::ptrdiff_t>(arguments); it != stack->end(); ++it) {
+    if (it->isTensor()) {
+      *it = cast(it->toTensor());
+    } else if (it->isTensorList()) {
+      c10::List<at::Tensor> cast_list;
+      for (const at::Tensor& t : it->toTensorList()) cast_list.push_back(cast(t));
+      *it = std::move(cast_list);
+    }
+  }
+}
+
+bool any_double(torch::jit::Stack* stack, size_t arguments) {
+  bool found = false;
+  for_each_tensor(stack, arguments, [&](const at::Tensor& t) {
+    found = found || (t.defined() && t.scalar_type() == at::kDouble);
+  });
+  return found;
+}
+
+enum class Policy { kFloat32OrWider, kAutocastDtype, kUnchanged };
+
+template <c10::DeviceType device, Policy policy>
+void autocast_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const size_t arguments = op.schema().arguments().size();
+  if (policy == Policy::kFloat32OrWider) {
+    const at::ScalarType target = any_double(stack, arguments) ? at::kDouble : at::kFloat;
+    cast_tensors(stack, arguments, [&](const at::Tensor& t) {
+      return t.defined() && t.is_floating_point() && t.scalar_type() != target ? t.to(target) : t;
+    });
+  } else if (policy == Policy::kAutocastDtype && !any_double(stack, arguments)) {
+    // As torch's lower-precision ops: float64 anywhere means no cast at all.
+    const at::ScalarType target = at::autocast::get_autocast_dtype(device);
+    cast_tensors(stack, arguments, [&](const at::Tensor& t) {
+      return t.defined() ? at::autocast::cached_cast(target, t, device) : t;
+    });
+  }
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  op.callBoxed(stack);
+}
+
+template <c10::DeviceType device>
+void register_autocast(torch::Library& m) {
+  constexpr auto float32 = &autocast_kernel<device, Policy::kFloat32OrWider>;
+  constexpr auto autocast_dtype = &autocast_kernel<device, Policy::kAutocastDtype>;
+  constexpr auto unchanged = &autocast_kernel<device, Policy::kUnchanged>;
+  for (const char* name : {"rq_spline", "affine_coupling", "lu_conv1x1", "made_inverse",
+                           "_made_inverse_composite"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<float32>());
+  }
+  m.impl("masked_linear", torch::CppFunction::makeFromBoxedFunction<autocast_dtype>());
+  for (const char* name : {"rq_spline_backward", "affine_coupling_backward", "lu_conv1x1_backward",
+                           "masked_linear_backward", "made_inverse_backward"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<unchanged>());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nflux, AutocastCPU, m) { register_autocast<c10::DeviceType::CPU>(m); }
+TORCH_LIBRARY_IMPL(nflux, AutocastCUDA, m) { register_autocast<c10::DeviceType::CUDA>(m); }
+
+}  // namespace nflux

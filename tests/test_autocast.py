@@ -1,0 +1,276 @@
+"""torch.autocast: flow transforms compute in float32 whatever dtype their conditioner hands them,
+masked_linear (a conditioner layer) in the autocast dtype, float64 is left alone; every model
+trains, inverts and compiles under autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nflux
+from nflux import _extension, ops
+from nflux.nets.made import MADE
+
+from _flow_helpers import perturb
+
+pytestmark = pytest.mark.skipif(not _extension.loaded, reason="native extension not built")
+
+BF16 = torch.bfloat16
+
+
+def autocast(dtype=BF16):
+    return torch.autocast("cpu", dtype=dtype)
+
+
+def _randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.fixture(params=["wrapper", "torch.ops"])
+def entry(request):
+    return request.param
+
+
+@pytest.mark.parametrize("half", [BF16, torch.float16])
+@pytest.mark.parametrize("scale,inverse", [("exp", False), ("sigmoid", True)])
+def test_affine_coupling_computes_in_float32(entry, scale, inverse, half):
+    x = _randn(6, 5, seed=0)
+    shift = _randn(6, 5, seed=1).to(half).requires_grad_()
+    logits = _randn(6, 5, seed=2).to(half).requires_grad_()
+
+    def run(x, s, l):
+        if entry == "wrapper":
+            return ops.affine_coupling(x, s, l, scale=scale, clamp=3.0, inverse=inverse)
+        return torch.ops.nflux.affine_coupling(x, s, l, 1 if scale == "exp" else 2, 3.0, inverse)
+
+    with autocast(half):
+        y, lad = run(x, shift, logits)
+    assert y.dtype == lad.dtype == torch.float32
+    shift32, logits32 = (t.detach().float().requires_grad_() for t in (shift, logits))
+    y32, lad32 = run(x, shift32, logits32)
+    assert torch.equal(y, y32) and torch.equal(lad, lad32)
+    (y.sum() + lad.sum()).backward()
+    (y32.sum() + lad32.sum()).backward()
+    assert shift.grad.dtype == logits.grad.dtype == half  # autograd casts back to the input's dtype
+    assert torch.equal(shift.grad, shift32.grad.to(half)) and torch.equal(logits.grad, logits32.grad.to(half))
+
+
+def test_rq_spline_computes_in_float32(entry):
+    K = 5
+    x = _randn(7, 3, seed=0) * 2
+    w, h, d = (_randn(7, 3, n, seed=s).to(BF16) for n, s in ((K, 1), (K, 2), (K - 1, 3)))
+    with autocast():
+        if entry == "wrapper":
+            y, lad = ops.rq_spline(x, w, h, d)
+        else:
+            y, lad = torch.ops.nflux.rq_spline(x, w, h, d, False, 3.0, 1e-3, 1e-3, 1e-3)
+    assert y.dtype == lad.dtype == torch.float32
+    y32, lad32 = ops.rq_spline(x, w.float(), h.float(), d.float())
+    assert torch.equal(y, y32) and torch.equal(lad, lad32)
+    with autocast():  # and the inverse, from the same bfloat16 parameters, gives x back
+        x_back, lad_back = ops.rq_spline(y, w, h, d, inverse=True)
+    torch.testing.assert_close(x_back, x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lad_back, -lad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_lu_conv1x1_products_stay_float32(entry, inverse):
+    from test_lu_conv1x1 import params
+
+    perm, lower, upper, log_scale, sign, bias = params(8, dtype=torch.float32)
+    x = _randn(4, 8, 3, 3, seed=5)
+    args = (x, perm, lower, upper, log_scale, sign, bias)
+
+    def run():
+        if entry == "wrapper":
+            return ops.lu_conv1x1(*args, inverse=inverse)
+        return torch.ops.nflux.lu_conv1x1(*args, inverse)
+
+    y32, lad32 = run()
+    with autocast():
+        y, lad = run()
+    # Bitwise: the channel-mixing GEMM inside the op is not autocast to bfloat16.
+    assert y.dtype == torch.float32 and torch.equal(y, y32) and torch.equal(lad, lad32)
+    with autocast():  # a bfloat16 input is widened, not the parameters narrowed
+        y_from_half, _ = ops.lu_conv1x1(x.to(BF16), *args[1:], inverse=inverse)
+    assert torch.equal(y_from_half, ops.lu_conv1x1(x.to(BF16).float(), *args[1:], inverse=inverse)[0])
+
+
+def test_masked_linear_computes_in_the_autocast_dtype(entry):
+    made = MADE(6, 2, (16, 16))
+    w, b, mask = made.weights[1], made.biases[1], made.masks()[1]
+    blocks = ops.masked_linear_blocks(mask, overhead=0)
+    assert blocks, "a sorted MADE mask has rectangles"
+    x = _randn(9, 16, seed=3)
+    with autocast():
+        if entry == "wrapper":
+            y = ops.masked_linear(x, w, b, mask, blocks)
+        else:
+            y = torch.ops.nflux.masked_linear(x, w, b, mask, blocks)
+    assert y.dtype == BF16
+    expected = torch.nn.functional.linear(x.to(BF16), (w * mask).to(BF16), b.to(BF16))
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
+    y.float().square().sum().backward()
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    assert torch.count_nonzero(w.grad[mask == 0]) == 0 and torch.count_nonzero(w.grad[mask == 1]) > 0
+
+
+def test_masked_linear_in_half_types_takes_one_dense_product():
+    made = MADE(6, 2, (16, 16))
+    w, b, mask = (t.detach().to(BF16) for t in (made.weights[1], made.biases[1], made.masks()[1]))
+    blocks = ops.masked_linear_blocks(mask, overhead=0)
+    x = _randn(9, 16, seed=3).to(BF16)
+    assert torch.equal(ops.masked_linear(x, w, b, mask, blocks), ops.masked_linear(x, w, b, mask))
+    g = _randn(9, 16, seed=4).to(BF16)
+    with_blocks = torch.ops.nflux.masked_linear_backward(g, x, w, mask, blocks)
+    dense = torch.ops.nflux.masked_linear_backward(g, x, w, mask, [])
+    assert all(torch.equal(a, d) for a, d in zip(with_blocks, dense))
+
+
+def test_float64_is_left_alone(entry):
+    x, shift, logits = (_randn(4, 3, seed=s, dtype=torch.float64) for s in range(3))
+    made = MADE(3, 2, (8,)).double()
+    w, b, mask, blocks = made.weights[0], made.biases[0], made.masks()[0], made.mask_blocks[0]
+    with autocast():
+        y, lad = ops.affine_coupling(x, shift, logits)
+        out = ops.masked_linear(x, w, b, mask, blocks)
+    assert y.dtype == out.dtype == torch.float64
+    assert torch.equal(y, ops.affine_coupling(x, shift, logits)[0])
+    assert torch.equal(out, ops.masked_linear(x, w, b, mask, blocks))
+    with autocast():  # a float32 shift meeting a float64 x is promoted, not narrowed
+        y_mixed, _ = ops.affine_coupling(x, shift.float(), logits)
+    assert y_mixed.dtype == torch.float64
+
+
+def test_made_inverse_and_transformer_compute_in_float32():
+    made = perturb(MADE(4, 2, (12, 12)), 0.2)
+    y = _randn(5, 4, seed=7)
+    args = (list(made.weights), list(made.biases), made.degrees)
+    x32, lad32 = ops.made_inverse(y, *args)
+    with autocast():
+        x, lad = ops.made_inverse(y.to(BF16), *args)
+    assert x.dtype == torch.float32
+    torch.testing.assert_close(x, ops.made_inverse(y.to(BF16).float(), *args)[0], atol=0, rtol=0)
+    params = _randn(5, 4, 2, seed=8).to(BF16)
+    with autocast():
+        out, lad = ops.autoregressive_transformer(y, params, "affine")
+        back, lad_back = ops.autoregressive_transformer(out, params, "affine", inverse=True)
+    assert out.dtype == lad.dtype == torch.float32
+    torch.testing.assert_close(out, ops.autoregressive_transformer(y, params.float(), "affine")[0], atol=0, rtol=0)
+    torch.testing.assert_close(back, y, atol=1e-6, rtol=1e-6)  # exact inverse: exp in float32
+
+
+def test_fallback_follows_the_same_policy(monkeypatch):
+    x = _randn(6, 5, seed=0)
+    shift, logits = (_randn(6, 5, seed=s).to(BF16) for s in (1, 2))
+    w, h, d = (_randn(6, 5, n, seed=s).to(BF16) for n, s in ((4, 3), (4, 4), (3, 5)))
+    with autocast():
+        native = ops.affine_coupling(x, shift, logits), ops.rq_spline(x, w, h, d)
+    monkeypatch.setattr(_extension, "cpu_kernels", False)
+    monkeypatch.setattr(_extension, "_warned", True)
+    with autocast():
+        fallback = ops.affine_coupling(x, shift, logits), ops.rq_spline(x, w, h, d)
+    for got, want in zip(fallback, native):
+        assert got[0].dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+D = 4
+MODELS = {
+    "NICE": lambda: nflux.NICE(D, layers=2, hidden=(16, 16)),
+    "RealNVP": lambda: nflux.RealNVP(D, layers=2, hidden=(16, 16)),
+    "Glow": lambda: nflux.Glow(D, layers=2, hidden=(16, 16)),
+    "MAF": lambda: nflux.MAF(D, layers=2, hidden=(16, 16)),
+    "IAF": lambda: nflux.IAF(D, layers=2, hidden=(16, 16)),
+    "NSF": lambda: nflux.NSF(D, layers=2, hidden=(16, 16), bins=4),
+    "NSF_ar": lambda: nflux.NSF(D, layers=2, hidden=(16, 16), bins=4, autoregressive=True),
+    "glow_image": lambda: nflux.Glow.image((2, 4, 4), levels=2, steps=2, hidden=8),
+    "realnvp_image": lambda: nflux.RealNVP.image((2, 4, 4), levels=2, hidden=8, blocks=1),
+}
+COUPLING = {"NICE", "RealNVP", "Glow", "NSF", "glow_image", "realnvp_image"}
+
+
+def _flow_and_data(name):
+    torch.manual_seed(0)
+    flow = MODELS[name]()
+    image = name.endswith("image")
+    x = torch.rand(16, 2, 4, 4) if image else 1 + 2 * torch.randn(16, D)
+    flow.train().log_prob(x)  # ActNorm's data-dependent init
+    return perturb(flow, 0.1), x
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_models_train_and_invert_under_autocast(name):
+    flow, x = _flow_and_data(name)
+    flow.eval()  # the image flows' dequantisation noise: same draw both ways below
+    torch.manual_seed(1)
+    lp32 = flow.log_prob(x)
+    torch.manual_seed(1)
+    with autocast():
+        lp = flow.log_prob(x)
+    assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
+    # Only the conditioners' precision differs: the log-densities agree to bfloat16's 3 digits.
+    assert (lp - lp32).abs().max() < 1e-2 * lp32.abs().max() + 0.1
+    (-lp.mean()).backward()
+    for p in flow.parameters():
+        assert p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in flow.parameters())
+    if name in COUPLING:
+        # The conditioners see the same input both ways, so the inverse is exact to float32.
+        with autocast():
+            z, lad = flow.transform(x)
+            back, lad_back = flow.inverse(z)
+        assert z.dtype == torch.float32
+        torch.testing.assert_close(back, x, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lad_back, -lad, atol=1e-3, rtol=1e-4)
+    if name in ("MAF", "NSF_ar"):
+        # Sampling inverts the MADEs with made_inverse, in float32: autocast changes nothing.
+        torch.manual_seed(2)
+        s32 = flow.sample((5,))
+        torch.manual_seed(2)
+        with autocast():
+            s = flow.sample((5,))
+        assert torch.equal(s, s32)
+
+
+@pytest.mark.parametrize("name", ["NSF", "MAF"])
+def test_compile_fullgraph_under_autocast(name):
+    torch._dynamo.reset()
+    flow, x = _flow_and_data(name)
+
+    def loss(x):
+        with autocast():
+            return -flow.log_prob(x).mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, loss(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_autocast_follows_the_same_policy():
+    from test_lu_conv1x1 import params
+
+    dev = torch.device("cuda")
+    x = _randn(6, 5, seed=0).to(dev)
+    shift, logits = (_randn(6, 5, seed=s).to(dev, BF16) for s in (1, 2))
+    w, h, d = (_randn(6, 5, n, seed=s).to(dev, BF16) for n, s in ((4, 3), (4, 4), (3, 5)))
+    perm, lower, upper, log_scale, sign, bias = (t.to(dev) for t in params(8, dtype=torch.float32))
+    xc = _randn(4, 8, 3, 3, seed=5).to(dev)
+    made = MADE(6, 2, (16, 16)).to(dev)
+    wm, bm, mask = made.weights[1], made.biases[1], made.masks()[1]
+    xm = _randn(9, 16, seed=3).to(dev)
+    with torch.autocast("cuda", dtype=BF16):
+        coupled = ops.affine_coupling(x, shift, logits)
+        spline = ops.rq_spline(x, w, h, d)
+        conv = ops.lu_conv1x1(xc, perm, lower, upper, log_scale, sign, bias)
+        masked = torch.ops.nflux.masked_linear(xm, wm, bm, mask, ops.masked_linear_blocks(mask, overhead=0))
+    for got, want in ((coupled, ops.affine_coupling(x, shift.float(), logits.float())),
+                      (spline, ops.rq_spline(x, w.float(), h.float(), d.float())),
+                      (conv, ops.lu_conv1x1(xc, perm, lower, upper, log_scale, sign, bias))):
+        assert got[0].dtype == torch.float32
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert masked.dtype == BF16
+    flow = perturb(nflux.NSF(4, layers=2, hidden=(16, 16), bins=4, autoregressive=True), 0.1).to(dev)
+    with torch.autocast("cuda", dtype=BF16):
+        lp = flow.log_prob(torch.randn(32, 4, device=dev))
+    assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
