@@ -60,6 +60,24 @@ def test_eval_reproduces_test_nll(run):
     assert result["test_nll_nats"] == pytest.approx(stored, abs=1e-6)
 
 
+def test_bf16_training_reports_float32_metrics(run, tmp_path):
+    out = tmp_path / "bf16"
+    nflux("train", "nsf", "--data", "moons", "--steps", 30, "--out", out, "--precision", "bf16", *TINY)
+    assert json.loads((out / "config.json").read_text())["precision"] == "bf16"
+    # The same run as the fixture's but for autocast: the conditioners' bfloat16 rounding
+    # changes the trajectory a little, not the quality.
+    ours, fp32 = load_file(out / "best.safetensors"), load_file(run / "best.safetensors")
+    assert any(not torch.equal(ours[k], fp32[k]) for k in ours)
+    stored = json.loads((out / "metrics.json").read_text())["test_nll_nats"]
+    assert stored == pytest.approx(json.loads((run / "metrics.json").read_text())["test_nll_nats"], abs=0.1)
+    assert main(["eval", str(out)]) == 0  # the reported NLL is a float32 evaluation
+    assert json.loads((out / "eval.json").read_text())["test_nll_nats"] == pytest.approx(stored, abs=1e-6)
+    from nflux.training.config import ConfigError, make_config
+
+    with pytest.raises(ConfigError, match="precision"):
+        make_config({"precision": "16"})  # a --config file's value is checked too
+
+
 def test_sample_npy_and_png(run, tmp_path):
     assert main(["sample", str(run), "-n", "300", "--out", str(tmp_path / "s.npy")]) == 0
     x = np.load(tmp_path / "s.npy")
@@ -102,6 +120,7 @@ def _one_line_error(code, err):
     (["train", "nsf", "--data", "moonz"], "unknown dataset"),
     (["train", "nsf", "--data", "digits"], "image"),
     (["train", "nsf", "--steps", "0"], "positive integer"),
+    (["train", "nsf", "--precision", "fp16"], "invalid choice"),
     (["eval", "/nonexistent/run"], "does not exist"),
     (["sample", "/nonexistent/run", "-n", "5"], "does not exist"),
     (["train", "nsf", "--config", "/nonexistent/config.json"], "not found"),

@@ -21,6 +21,7 @@ examples:
   nflux train maf --data wine --steps 3000 --hidden 64 64 --out runs/wine
   nflux train nsf --data moons --steps 5000 --resume   # continue from the last checkpoint
   nflux train glow --data digits               # multi-scale Glow on 8x8 digits (bits/dim)
+  nflux train glow --data digits --precision bf16   # conditioner networks in bfloat16 (AMX, GPUs)
   torchrun --nproc_per_node=2 -m nflux train nsf --data moons --out runs/ddp   # 2 processes, DDP
   nflux eval runs/nsf-moons                    # test NLL (nats, data units) of the best weights
   nflux sample runs/nsf-moons -n 5000 --out s.npy   # .npy (data units) or .png
@@ -69,7 +70,7 @@ _positive_float = _number(float, lambda v: v > 0 and v != float("inf"), "a posit
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nflux.training.config import DEFAULTS, KIND_DEFAULTS, MODELS
+    from nflux.training.config import DEFAULTS, KIND_DEFAULTS, MODELS, PRECISIONS
 
     p = _Parser(prog="nflux", description="Normalizing flows on fused C++/CUDA torch operators.",
                 epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="torch.compile the training step's model with BACKEND (default inductor): "
                         "compile time first, faster steps after")
+    t.add_argument("--precision", choices=PRECISIONS,
+                   help="32 (default) or bf16: the training step's networks compute in bfloat16 under "
+                        "torch.autocast (AMX CPUs, GPUs), the flow transforms and every reported NLL in float32")
     t.add_argument("--config", help="JSON file of config keys (flags given on the command line win)")
     t.add_argument("--stop-after", dest="stop_after", type=_positive_int,
                    help="stop (checkpointed) after this step, as if interrupted; the schedule still spans --steps")
@@ -136,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _TRAIN_KEYS = ("data", "data_root", "steps", "batch", "lr", "layers", "hidden", "bins", "scales", "val_every",
-               "checkpoint_every", "log_every", "patience", "out", "device", "seed", "compile", "stop_after")
+               "checkpoint_every", "log_every", "patience", "out", "device", "seed", "compile", "precision",
+               "stop_after")
 
 
 def _cmd_train(args) -> int:

@@ -16,8 +16,8 @@ import torch
 
 import nflux
 
-__all__ = ["DEFAULTS", "IMAGE_MODELS", "KIND_DEFAULTS", "MODELS", "RECORD_KEYS", "ConfigError", "build_model",
-           "make_config", "model_kwargs", "resolve_for_data"]
+__all__ = ["DEFAULTS", "IMAGE_MODELS", "KIND_DEFAULTS", "MODELS", "PRECISIONS", "RECORD_KEYS", "ConfigError",
+           "build_model", "make_config", "model_kwargs", "resolve_for_data"]
 
 
 class ConfigError(ValueError):
@@ -72,9 +72,16 @@ DEFAULTS: dict[str, Any] = {
     "eval_batch": 4096,
     "plot_samples": 2000,
     "compile": False,        # False, or a torch.compile backend ("inductor") for the training loss
+    "precision": "32",       # "32", or "bf16": the training loss under torch.autocast (see PRECISIONS)
     "stop_after": None,      # stop (checkpointed) after this step, as if interrupted; for tests
 }
 
+
+# Training precisions: "bf16" runs the training loss under torch.autocast in bfloat16, so the
+# conditioner networks' GEMMs and convolutions use AMX / tensor cores while every flow transform,
+# log-determinant and the loss stay float32 (nflux.ops' autocast policy). Validation, test
+# metrics and samples are float32 either way.
+PRECISIONS = ("32", "bf16")
 
 # Keys the trainer adds to the config it records in config.json (not settable).
 RECORD_KEYS = ("standardizer", "levels", "model_kwargs", "dataset", "nflux_version", "processes")
@@ -113,6 +120,9 @@ def make_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         config["compile"] = "inductor"
     if not (config["compile"] is False or isinstance(config["compile"], str) and config["compile"]):
         raise ConfigError(f"compile must be false, true or a torch.compile backend name, got {config['compile']!r}")
+    config["precision"] = str(config["precision"])
+    if config["precision"] not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {config['precision']!r}")
     if config["hidden"] is not None:
         h = config["hidden"]
         if isinstance(h, int):

@@ -70,14 +70,16 @@ def load_data_for(config: dict[str, Any]):
 
 
 class _NegLogLikelihood(nn.Module):
-    """The training loss as a module's `forward`: DDP hooks `forward`, not `log_prob`."""
+    """The training loss as a module's `forward`: DDP hooks `forward`, not `log_prob`. With
+    `bf16`, under torch.autocast (inside forward, so torch.compile and DDP see it too)."""
 
-    def __init__(self, flow: nflux.Flow):
+    def __init__(self, flow: nflux.Flow, bf16: bool = False):
         super().__init__()
-        self.flow = flow
+        self.flow, self.bf16 = flow, bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return -self.flow.log_prob(x).mean()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return -self.flow.log_prob(x).mean()
 
 
 def sample_model(model: nflux.Flow, n: int, generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
@@ -236,7 +238,7 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
     if ctx.is_main:
         _write_json(out / "config.json", record)
 
-    loss_fn: nn.Module = _NegLogLikelihood(model)
+    loss_fn: nn.Module = _NegLogLikelihood(model, bf16=config["precision"] == "bf16")
     if config["compile"]:
         loss_fn.compile(backend=config["compile"])  # before DDP, as torch.compile's docs advise
     if ctx.active:
