@@ -2,7 +2,7 @@
 vs the same model on the pure-torch reference ops, and digits test bits/dim after a fixed budget.
 
     python benchmarks/bench_images.py [--configs glow32 realnvp32 glow-digits realnvp-digits]
-        [--rounds 3] [--threads 1] [--bpd-steps 300] [--no-profile]
+        [--rounds 3] [--threads 1] [--bpd-steps 300] [--no-profile] [--bf16]
     python benchmarks/bench_images.py --configs glow-paper --rounds 2 --bpd-steps 0   # Glow paper size
 
 Builds, each the same mathematical model (same parameters, same init, same function):
@@ -14,6 +14,9 @@ Builds, each the same mathematical model (same parameters, same init, same funct
              ActNorm and the 1x1 conv as two separate layers (`fused=False`).
 All three share the rest of the model code: in-place ReLUs after convs, the shift and scale
 heads of a conditioner as one conv (as Glow's code does), ActNorm statistics without a copy.
+`--bf16` adds each build again with its training loss under torch.autocast(bfloat16) (the
+conditioners' convolutions on AMX where the CPU has it; nflux.ops' autocast policy keeps every
+flow transform in float32 in all three), and trains the digits bits/dim in both precisions.
 
 Every (model, build) pair runs in its own fresh worker process (`--worker`), driven over a
 pipe, so that the extension switch is per process and no pair's allocations can raise
@@ -62,6 +65,7 @@ BATCH = 64
 def build_flow(config: str, build: str):
     import nflux
 
+    build = build.removesuffix("-bf16")
     model, shape, data, kw = CONFIGS[config]
     kw = dict(kw, data_levels=17 if data == "digits" else 256, channels_last=build != "plain")
     if model == "Glow" and build == "plain":
@@ -95,9 +99,13 @@ def worker(config: str, build: str, threads: int) -> None:
     batch = train[:BATCH]
     opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
 
+    bf16 = build.endswith("-bf16")
+
     def step(x=batch):
         opt.zero_grad(set_to_none=True)
-        flow.bits_per_dim(x).mean().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = flow.bits_per_dim(x).mean()
+        loss.backward()
         opt.step()
 
     step()
@@ -116,7 +124,7 @@ def worker(config: str, build: str, threads: int) -> None:
         elif cmd == "profile":
             reply = profile_step(step)
         elif cmd == "bpd":
-            reply = {"bpd": train_and_evaluate(flow, opt, train, test, int(args[0]))}
+            reply = {"bpd": train_and_evaluate(flow, opt, train, test, int(args[0]), bf16)}
         else:
             raise SystemExit(f"unknown command {cmd!r}")
         print(json.dumps(reply), flush=True)
@@ -139,7 +147,8 @@ def profile_step(step) -> dict:
     return parts
 
 
-def train_and_evaluate(flow, opt, train, test, steps: int) -> float:
+def train_and_evaluate(flow, opt, train, test, steps: int, bf16: bool) -> float:
+    """Test bits/dim after `steps` training steps (in bfloat16 autocast if `bf16`), evaluated in float32."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
@@ -147,7 +156,9 @@ def train_and_evaluate(flow, opt, train, test, steps: int) -> float:
     for _ in range(steps):
         idx = torch.randint(0, train.shape[0], (BATCH,), generator=gen)
         opt.zero_grad(set_to_none=True)
-        flow.bits_per_dim(train[idx]).mean().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = flow.bits_per_dim(train[idx]).mean()
+        loss.backward()
         opt.step()
     flow.eval()
     torch.manual_seed(1)  # the dequantisation noise of the evaluation
@@ -161,7 +172,7 @@ class Worker:
     def __init__(self, config: str, build: str, threads: int):
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
         env.pop("NFLUX_DISABLE_EXTENSION", None)
-        if build != "nflux":
+        if build.removesuffix("-bf16") != "nflux":
             env["NFLUX_DISABLE_EXTENSION"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, SCRIPT, "--worker", config, build, "--threads", str(threads)],
@@ -192,6 +203,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bpd-steps", type=int, default=300)
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="add every build under torch.autocast(bfloat16)")
     p.add_argument("--worker", nargs=2, metavar=("CONFIG", "BUILD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -201,19 +213,20 @@ def main() -> None:
 
     print(f"image flows, batch {BATCH}, cpu, {args.threads} thread(s) per worker, torch {torch.__version__}, "
           f"best of {args.rounds} interleaved rounds")
+    builds = BUILDS + tuple(f"{b}-bf16" for b in BUILDS) if args.bf16 else BUILDS
     rows, notes = [], []
     for config in args.configs:
         model, shape, data, kw = CONFIGS[config]
-        workers = {build: Worker(config, build, args.threads) for build in BUILDS}
+        workers = {build: Worker(config, build, args.threads) for build in builds}
         if not workers["nflux"].info["extension"] or workers["ref-ops"].info["extension"]:
             raise SystemExit("nflux build must load the extension and the reference builds must not")
         memory = {b: w.ask("memory")["bytes"] for b, w in workers.items()}
-        best = {b: float("inf") for b in BUILDS}
+        best = {b: float("inf") for b in builds}
         for _ in range(args.rounds):
             for b, w in workers.items():
                 best[b] = min(best[b], w.ask("step")["seconds"])
         desc = f"{model}.image({shape}, {', '.join(f'{k}={v}' for k, v in kw.items())}) on {data}"
-        for b in BUILDS:
+        for b in builds:
             rows.append([config, b, H.fmt_time(best[b]), f"{BATCH / best[b]:.1f}",
                          f"{best[b] / best['nflux']:.2f}x", H.fmt_bytes(memory[b]),
                          f"{memory[b] / memory['nflux']:.2f}x"])
@@ -228,9 +241,10 @@ def main() -> None:
             notes.append(f"{config} plain step profile (self CPU time): "
                          + ", ".join(f"{k} {v / total:.1%}" for k, v in parts.items() if k != "nflux ops"))
         if data == "digits" and args.bpd_steps:
-            bpd = workers["nflux"].ask(f"bpd {args.bpd_steps}")["bpd"]
-            notes.append(f"{config}: digits test bits/dim after {args.bpd_steps} Adam steps (batch {BATCH}, "
-                         f"lr 1e-3): {bpd:.3f}")
+            for b in ("nflux", "nflux-bf16") if args.bf16 else ("nflux",):
+                bpd = workers[b].ask(f"bpd {args.bpd_steps}")["bpd"]
+                notes.append(f"{config}: digits test bits/dim after {args.bpd_steps} Adam steps (batch {BATCH}, "
+                             f"lr 1e-3{', bf16 autocast' if b != 'nflux' else ''}; evaluated in float32): {bpd:.3f}")
         for w in workers.values():
             w.close()
         print(f"done {config}", file=sys.stderr, flush=True)

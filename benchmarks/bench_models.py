@@ -6,7 +6,11 @@ an extra ActNorm at the input (their default), which the peers lack: its cost is
 against nflux.
 
     python benchmarks/bench_models.py [--batch 512] [--dims 16 64] [--threads 1] [--rounds 3]
-        [--models NSF NSF-AR MAF ...]
+        [--models NSF NSF-AR MAF ...] [--bf16]
+
+`--bf16` adds every implementation's training step again under torch.autocast(bfloat16) (rows
+"<impl> bf16"; the "/ nflux" column stays relative to nflux in float32): the MLP and MADE
+GEMMs then run on AMX where the CPU has it, while nflux keeps its flow transforms in float32.
 
 For MAF it also counts the GEMM FLOPs of a training step (forward: 2*B*sum(in*out) per layer;
 backward: twice that, as the input gradient of the very first layer is not needed but the
@@ -177,12 +181,14 @@ def maf_mac_fractions(D: int) -> tuple[float, float]:
     return float(sum(m.sum() for m in masks) / dense), sum(computed(m, b) for m, b in zip(masks, blocks)) / dense
 
 
-def train_step_fn(case: Case, x: torch.Tensor):
-    """The training step, and its optimizer step alone (valid once a step has made gradients)."""
+def train_step_fn(case: Case, x: torch.Tensor, bf16: bool = False):
+    """The training step (its loss under bfloat16 autocast if `bf16`), and its optimizer step
+    alone (valid once a step has made gradients)."""
     opt = torch.optim.Adam(case.params, lr=1e-4)
 
     def step():
-        loss = -case.log_prob(x).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = -case.log_prob(x).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -199,6 +205,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["NSF", "NSF-AR", "MAF", "IAF", "RealNVP", "NICE", "Glow"])
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                         help="cpu: the thread's CPU time (with --threads 1, robust to other load); wall: elapsed")
+    parser.add_argument("--bf16", action="store_true", help="add each training step under torch.autocast(bfloat16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.clock == "cpu" and args.threads != 1:
@@ -225,6 +232,10 @@ def main() -> None:
             steps, adam_steps = {}, {}
             for name, c in cases.items():
                 steps[name], adam_steps[name] = train_step_fn(c, x)
+            if args.bf16:
+                for name, c in list(cases.items()):
+                    cases[f"{name} bf16"] = Case(c.params, c.log_prob, None)  # sampling: float32 rows only
+                    steps[f"{name} bf16"], adam_steps[f"{name} bf16"] = train_step_fn(c, x, bf16=True)
             t_train = {name: float("inf") for name in cases}
             t_sample = {name: float("inf") for name in cases}
             for _ in range(args.rounds):
@@ -244,13 +255,19 @@ def main() -> None:
                           for name in ("nflux", "GEMM floor")}
             for name in cases:
                 extra = ""
-                if flops is not None:
+                if flops is not None and not name.endswith("bf16"):
                     extra = f"{flops / t_train[name] / 1e9:.1f} GFLOP/s"
                 rows.append([str(D), model, name, H.fmt_time(t_train[name]), f"{t_train[name] / ours_t:.2f}x",
                              H.fmt_time(t_sample[name]) if t_sample[name] < float("inf") else "-",
                              f"{t_sample[name] / ours_s:.1f}x" if t_sample[name] < float("inf") else "-", extra])
             peers = [f"{p} {t_train[p] / ours_t:.2f}x" for p in ("zuko", "nflows") if p in t_train]
             line = f"D={D} {model}: nflux train step {H.fmt_time(ours_t)}; peers' time / ours: {', '.join(peers) or '-'}"
+            if args.bf16:
+                ours_b = t_train["nflux bf16"]
+                peers_b = [f"{p} {t_train[p + ' bf16'] / ours_b:.2f}x" for p in ("zuko", "nflows", "GEMM floor")
+                           if p in t_train]
+                line += (f"; bf16 autocast: nflux {H.fmt_time(ours_b)} (its float32 time / this: {ours_t / ours_b:.2f}x), "
+                         f"bf16 time / nflux bf16: {', '.join(peers_b) or '-'}")
             if flops is not None:
                 admitted, computed = maf_mac_fractions(D)
                 t_floor, adam_floor = t_train["GEMM floor"], t_adam["GEMM floor"]
