@@ -274,7 +274,9 @@ def main() -> None:
                 rate = flops / (t_floor - adam_floor)  # dense FLOP/s of the floor, everything but Adam
                 masked_floor = adam_floor + admitted * flops / rate
                 # The same with the Adam step of nflux's own parameters: masked entries have zero
-                # gradients (as in every MADE), and its sqrt of the zero second moments is slower.
+                # gradients (as in every MADE: zuko's and nflows' Adam steps cost the same), so
+                # their second moments stay 0, and torch 2.13's CPU sqrt takes ~19x longer on
+                # zeros than on other values. torch's fused Adam (nflux train's) does not care.
                 masked_floor_own_adam = t_adam["nflux"] + admitted * flops / rate
                 best_peer = min([t_train[p] for p in ("zuko", "nflows") if p in t_train], default=float("nan"))
                 line += (f"; dense {flops / 1e9:.2f} GFLOP per step (ours {flops / ours_t / 1e9:.1f} GFLOP/s dense-equivalent), "
