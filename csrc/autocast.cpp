@@ -9,8 +9,8 @@
 //     "fp32" ops (log_softmax, cumsum, ...): a conditioner's bfloat16 output meets a float32 x;
 //   - masked_linear is a conditioner layer and runs in the autocast dtype, like torch's linear
 //     (its float32 weights are cast once per autocast region, through torch's weight cache).
-//     nflux.ops.masked_linear takes torch's own linear of the masked weight instead, which
-//     autocast casts the same way: fewer casts around its backward;
+//     nflux.ops.masked_linear instead takes its reference, torch's linear of the masked weight,
+//     which autocast casts like any linear layer (the masked weight is no leaf, so per call);
 //   - the *_backward ops run in the dtypes their forward chose.
 // Every kernel then calls the op with autocast excluded, so the ATen ops inside (the GEMMs of
 // lu_conv1x1 and masked_linear) keep the dtype chosen here instead of being autocast again.

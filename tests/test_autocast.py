@@ -118,7 +118,7 @@ def test_masked_linear_computes_in_the_autocast_dtype(entry):
 def test_masked_linear_in_half_types_takes_one_dense_product():
     made = MADE(6, 2, (16, 16))
     w, b, mask = (t.detach().to(BF16) for t in (made.weights[1], made.biases[1], made.masks()[1]))
-    blocks = ops.masked_linear_blocks(mask, overhead=0)
+    blocks = [0, 1, 0, 16]  # covers row 0 only: honoured, it would leave the other rows at the bias
     x = _randn(9, 16, seed=3).to(BF16)
     assert torch.equal(ops.masked_linear(x, w, b, mask, blocks), ops.masked_linear(x, w, b, mask))
     g = _randn(9, 16, seed=4).to(BF16)
@@ -130,23 +130,29 @@ def test_masked_linear_in_half_types_takes_one_dense_product():
 def test_float64_is_left_alone(entry):
     x, shift, logits = (_randn(4, 3, seed=s, dtype=torch.float64) for s in range(3))
     made = MADE(3, 2, (8,)).double()
-    w, b, mask, blocks = made.weights[0], made.biases[0], made.masks()[0], made.mask_blocks[0]
+    w, b, mask = made.weights[0], made.biases[0], made.masks()[0]
+    blocks = ops.masked_linear_blocks(mask, overhead=0)
+
+    def run(shift):
+        if entry == "wrapper":
+            return ops.affine_coupling(x, shift, logits)[0], ops.masked_linear(x, w, b, mask, blocks)
+        return (torch.ops.nflux.affine_coupling(x, shift, logits, 1, None, False)[0],
+                torch.ops.nflux.masked_linear(x, w, b, mask, blocks))
+
     with autocast():
-        y, lad = ops.affine_coupling(x, shift, logits)
-        out = ops.masked_linear(x, w, b, mask, blocks)
+        y, out = run(shift)
     assert y.dtype == out.dtype == torch.float64
     assert torch.equal(y, ops.affine_coupling(x, shift, logits)[0])
     assert torch.equal(out, ops.masked_linear(x, w, b, mask, blocks))
     with autocast():  # a float32 shift meeting a float64 x is promoted, not narrowed
-        y_mixed, _ = ops.affine_coupling(x, shift.float(), logits)
-    assert y_mixed.dtype == torch.float64
+        y_mixed, _ = run(shift.float())
+    assert y_mixed.dtype == torch.float64 and torch.equal(y_mixed, ops.affine_coupling(x, shift.float().double(), logits)[0])
 
 
 def test_made_inverse_and_transformer_compute_in_float32():
     made = perturb(MADE(4, 2, (12, 12)), 0.2)
     y = _randn(5, 4, seed=7)
     args = (list(made.weights), list(made.biases), made.degrees)
-    x32, lad32 = ops.made_inverse(y, *args)
     with autocast():
         x, lad = ops.made_inverse(y.to(BF16), *args)
     assert x.dtype == torch.float32
@@ -161,17 +167,28 @@ def test_made_inverse_and_transformer_compute_in_float32():
 
 
 def test_fallback_follows_the_same_policy(monkeypatch):
+    from test_lu_conv1x1 import params
+
     x = _randn(6, 5, seed=0)
     shift, logits = (_randn(6, 5, seed=s).to(BF16) for s in (1, 2))
     w, h, d = (_randn(6, 5, n, seed=s).to(BF16) for n, s in ((4, 3), (4, 4), (3, 5)))
-    with autocast():
-        native = ops.affine_coupling(x, shift, logits), ops.rq_spline(x, w, h, d)
+    conv_args = (_randn(4, 8, 3, 3, seed=5), *params(8, dtype=torch.float32))
+    made = perturb(MADE(5, 2, (12, 12)), 0.2)
+    made_args = (x, list(made.weights), list(made.biases), made.degrees)
+
+    def run():
+        with autocast():
+            return (ops.affine_coupling(x, shift, logits), ops.rq_spline(x, w, h, d), ops.lu_conv1x1(*conv_args),
+                    ops.made_inverse(*made_args), (ops.masked_linear(x, made.weights[0], None, made.masks()[0]),))
+
+    native = run()
     monkeypatch.setattr(_extension, "cpu_kernels", False)
+    monkeypatch.setattr(_extension, "loaded", False)  # lu_conv1x1's switch
     monkeypatch.setattr(_extension, "_warned", True)
-    with autocast():
-        fallback = ops.affine_coupling(x, shift, logits), ops.rq_spline(x, w, h, d)
+    fallback = run()
     for got, want in zip(fallback, native):
-        assert got[0].dtype == torch.float32
+        assert got[0].dtype == want[0].dtype
+        # The reference's products in float32 too (a bfloat16 GEMM would be off by ~1e-2).
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -216,13 +233,20 @@ def test_models_train_and_invert_under_autocast(name):
         assert p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in flow.parameters())
     if name in COUPLING:
-        # The conditioners see the same input both ways, so the inverse is exact to float32.
-        with autocast():
-            z, lad = flow.transform(x)
-            back, lad_back = flow.inverse(z)
-        assert z.dtype == torch.float32
-        torch.testing.assert_close(back, x, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(lad_back, -lad, atol=1e-3, rtol=1e-4)
+        # The conditioners see the same input both ways, so the inverse is exact to float32;
+        # without gradients the LU layers take their cached W, which must follow the policy.
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), autocast():
+                z, lad = flow.transform(x)
+                back, lad_back = flow.inverse(z)
+            assert z.dtype == lad.dtype == lad_back.dtype == torch.float32
+            torch.testing.assert_close(back, x, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(lad_back, -lad, atol=1e-3, rtol=1e-4)
+            if grad:
+                z_grad = z
+        torch.testing.assert_close(z, z_grad, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # and float32 calls after autocast ones (the cache's entries)
+            torch.testing.assert_close(flow.inverse(flow.transform(x)[0])[0], x, atol=1e-4, rtol=1e-4)
     if name in ("MAF", "NSF_ar"):
         # Sampling inverts the MADEs with made_inverse, in float32: autocast changes nothing.
         torch.manual_seed(2)
@@ -231,6 +255,28 @@ def test_models_train_and_invert_under_autocast(name):
         with autocast():
             s = flow.sample((5,))
         assert torch.equal(s, s32)
+
+
+def test_class_conditional_image_prior_stays_float32():
+    torch.manual_seed(0)
+    flow = nflux.Glow.image((2, 4, 4), levels=2, steps=1, hidden=8, num_classes=3)
+    x, labels = torch.rand(6, 2, 4, 4), torch.arange(6) % 3
+    flow.train().log_prob(x, labels)
+    flow = perturb(flow, 0.1).eval()
+    with autocast():
+        lp = flow.log_prob(x, labels)
+        z, lad = flow.transform(x, labels)
+        back, lad_back = flow.inverse(z, labels)
+    assert lp.dtype == lad.dtype == torch.float32
+    torch.testing.assert_close(back, x, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lad_back, -lad, atol=1e-3, rtol=1e-4)
+
+
+def test_meta_tensors_pass_through():
+    # Devices without autocast (meta: shape inference) skip the policy instead of failing.
+    x, shift, logits = (torch.empty(4, 3, device="meta") for _ in range(3))
+    y, lad = ops.affine_coupling(x, shift, logits)
+    assert y.device.type == "meta" and lad.shape == (4,)
 
 
 @pytest.mark.parametrize("name", ["NSF", "MAF"])

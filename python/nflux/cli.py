@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "compile time first, faster steps after")
     t.add_argument("--precision", choices=PRECISIONS,
                    help="32 (default) or bf16: the training step's networks compute in bfloat16 under "
-                        "torch.autocast (AMX CPUs, GPUs), the flow transforms and every reported NLL in float32")
+                        "torch.autocast (AMX CPUs, GPUs); the flow transforms, validation and test NLL in float32")
     t.add_argument("--config", help="JSON file of config keys (flags given on the command line win)")
     t.add_argument("--stop-after", dest="stop_after", type=_positive_int,
                    help="stop (checkpointed) after this step, as if interrupted; the schedule still spans --steps")

@@ -17,8 +17,9 @@ import torch
 
 
 def enabled(tensor: torch.Tensor) -> bool:
-    """Whether autocast is on for `tensor`'s device."""
-    return torch.is_autocast_enabled(tensor.device.type)
+    """Whether autocast is on for `tensor`'s device (never for devices without autocast: meta)."""
+    device = tensor.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 def _floating(args: tuple) -> list[torch.Tensor]:

@@ -15,9 +15,9 @@ from nflux.ops._checks import check_masked_linear_args, check_masked_linear_bloc
 # 64 x 64 tile). masked_linear_blocks trades rectangles' waste against this.
 BLOCK_OVERHEAD = 2048
 
-# The op is composed of ATen products, so it runs natively in every floating dtype ATen has
-# (bfloat16 under autocast goes to oneDNN/AMX on CPU).
-_NATIVE_DTYPES = {device: (torch.float32, torch.float64, torch.float16, torch.bfloat16) for device in ("cpu", "cuda")}
+# The op is composed of ATen products, so it runs natively in every floating dtype ATen has,
+# half types included (as one dense GEMM, see csrc/masked_linear.cpp).
+_NATIVE_DTYPES = {device: _extension.NATIVE_DTYPES["cuda"] for device in ("cpu", "cuda")}
 
 
 def masked_linear(
@@ -43,20 +43,21 @@ def masked_linear(
         `[..., out]` = input @ (weight * mask)^T + bias. The gradient of `weight` is masked:
         it is 0 wherever `mask` is 0, so masked entries never move.
     """
-    if _autocast.enabled(input) and not _autocast.any_float64(input, weight, bias, mask):
-        # Autocast's dtype (bfloat16, float16) runs on AMX or tensor cores, where one dense GEMM
-        # beats the rectangles' several narrow ones (2.7x less time than float32 rectangles for
-        # a [512, 256] x [256, 256] forward+backward on one AMX core): torch's linear of the
-        # masked weight, which autocast casts as for any linear layer.
-        check_masked_linear_args(input, weight, bias, mask, same_dtype=False)
-        return torch.nn.functional.linear(input, weight * mask, bias)
-    check_masked_linear_args(input, weight, bias, mask)
+    autocast = _autocast.enabled(input) and not _autocast.any_float64(input, weight, bias, mask)
+    check_masked_linear_args(input, weight, bias, mask, same_dtype=not autocast)
     blocks = [] if blocks is None else [int(b) for b in blocks]
     check_masked_linear_blocks(blocks, weight)
+    if autocast:
+        # Autocast's dtype (bfloat16, float16) runs on AMX or tensor cores, where one dense GEMM
+        # beats the rectangles' several narrow ones (2.7x less time than float32 rectangles for
+        # a [512, 256] x [256, 256] forward+backward on one AMX core): the reference, torch's
+        # linear of the masked weight, which autocast casts as for any linear layer.
+        return reference.masked_linear(input, weight, bias, mask)
     if _extension.native(input, _NATIVE_DTYPES):
         return torch.ops.nflux.masked_linear(input, weight, bias, mask, blocks)
     _extension.warn_fallback("masked_linear", input.device)
-    return reference.masked_linear(input, weight, bias, mask)
+    with _autocast.fallback_context(input):  # float64 under autocast: no cast, as torch's linear
+        return reference.masked_linear(input, weight, bias, mask)
 
 
 def masked_linear_blocks(mask: torch.Tensor, overhead: int = BLOCK_OVERHEAD) -> list[int]:

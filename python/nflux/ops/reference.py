@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from nflux.ops import _autocast
 from nflux.ops._checks import (
     check_affine_coupling_args,
     check_lu_conv1x1_args,
@@ -179,8 +180,9 @@ def lu_conv1x1(
 def masked_linear(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor
 ) -> torch.Tensor:
-    """y = input (weight * mask)^T + bias; see nflux.ops.masked_linear."""
-    check_masked_linear_args(input, weight, bias, mask)
+    """y = input (weight * mask)^T + bias; see nflux.ops.masked_linear. Under autocast, torch's
+    linear casts its arguments as for any linear layer."""
+    check_masked_linear_args(input, weight, bias, mask, same_dtype=not _autocast.enabled(input))
     return F.linear(input, weight * mask, bias)
 
 

@@ -304,7 +304,8 @@ class ContextPrior2d(Transform):
         if context is None or context.dim() != 2 or context.shape != (h.shape[0], self.context_channels):
             got = None if context is None else list(context.shape)
             raise ValueError(f"nflux: ContextPrior2d needs a context [{h.shape[0]}, {self.context_channels}], got {got}")
-        mu, log_sigma = self.linear(context.to(h.dtype)).chunk(2, dim=1)
+        # The linear map may run in autocast's dtype; the transform stays in h's (float32).
+        mu, log_sigma = self.linear(context.to(h.dtype)).to(h.dtype).chunk(2, dim=1)
         return mu[:, :, None, None], log_sigma[:, :, None, None], h.shape[2] * h.shape[3]
 
     def forward(self, x, context=None):

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from nflux.ops import _autocast
 from nflux.ops._checks import check_lu_conv1x1_args
 
 # (matrix applied over channels, offset added after it or None, log|det| per pixel)
@@ -108,6 +109,14 @@ def cached_lu_conv1x1(cache: LUCache, x, perm, lower, upper, log_scale, sign, bi
     tensors = (perm, lower, upper, log_scale, sign, bias, *extra)
     if not LUCache.usable(tensors):
         return None
+    if _autocast.enabled(x):
+        # The op's autocast policy: the map in float32 (float64), whatever dtype x arrives in,
+        # and with autocast off so that neither building W nor applying it runs in bfloat16.
+        if lower.dtype not in (torch.float32, torch.float64):
+            return None  # the op casts the factors too; a cache of cast copies would never hit
+        with torch.autocast(x.device.type, enabled=False):
+            return cached_lu_conv1x1(cache, x.to(torch.promote_types(x.dtype, lower.dtype)), perm, lower, upper,
+                                     log_scale, sign, bias, inverse=inverse, extra=extra, fold=fold)
     check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
 
     def build():
