@@ -106,6 +106,28 @@ def test_actnorm_data_init_no_sync_and_compiles():
     torch.testing.assert_close(a.b0, b0)
 
 
+def test_actnorm_skips_batch_statistics_once_initialised(monkeypatch):
+    x = 10 + 5 * torch.randn(64, D)
+    a = T.ActNorm(D).train()
+    calls = []
+    original = a._batch_stats
+    monkeypatch.setattr(a, "_batch_stats", lambda v: calls.append(1) or original(v))
+    a(x)
+    a(x + 1)
+    assert len(calls) == 1  # the first training batch only
+    # A state loaded from an uninitialised layer initialises again; an initialised one does not.
+    fresh = T.ActNorm(D)
+    a.load_state_dict(fresh.state_dict())
+    a(x)
+    assert len(calls) == 2 and bool(a.initialized)
+    other = T.ActNorm(D).train()
+    other.load_state_dict(a.state_dict())
+    monkeypatch.setattr(other, "_batch_stats", lambda v: calls.append(1) or original(v))
+    y, _ = other(x + 3)
+    assert len(calls) == 2
+    torch.testing.assert_close(y, a(x + 3)[0])
+
+
 def test_lu_linear_weight_is_orthogonal_at_init():
     t = T.LULinear(5, seed=3).double()
     w = t.weight()

@@ -6,8 +6,10 @@ batch seen in training mode, so that the output of that batch has zero mean and 
 per feature. The first-batch logic uses `torch.where` on an `initialized` buffer and
 in-place buffer updates (as BatchNorm updates its running statistics), never a host sync, so
 it also runs inside `torch.compile(fullgraph=True)`. In eval mode, or after the first training
-batch, the layer is a plain elementwise affine map. An ActNorm that never saw a training batch
-is the identity.
+batch, the layer is a plain elementwise affine map: a Python mirror of `initialized` (set by
+that batch, and by `load_state_dict` from the loaded buffer) skips the batch statistics, which
+would otherwise be computed on every training step only to be discarded. An ActNorm that never
+saw a training batch is the identity.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ class ActNorm(Transform):
         self.register_buffer("b0", torch.zeros(features))
         self.register_buffer("s0", torch.zeros(features))
         self.register_buffer("initialized", torch.tensor(not data_init))
+        self._initialized = not data_init  # the buffer's value, known on the host
 
     def _offsets(self, x: torch.Tensor):
-        if not (self.training and self.data_init):
+        if not (self.training and self.data_init) or self._initialized:
             return self.b0, self.s0
         with torch.no_grad():
             # Stats of x as it enters the layer, net of the (zero at init) learnable part.
@@ -48,7 +51,14 @@ class ActNorm(Transform):
             self.b0.copy_(b0)
             self.s0.copy_(s0)
             self.initialized.fill_(True)
+        self._initialized = True
         return b0, s0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        saved = state_dict.get(f"{prefix}initialized")
+        if saved is not None:
+            self._initialized = bool(saved)  # one read when loading, none per step
 
     def _batch_stats(self, x: torch.Tensor):
         """Per-feature mean and standard deviation of a batch (std 1 for a single row)."""
