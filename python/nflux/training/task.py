@@ -21,6 +21,7 @@ import torch
 
 import nflux
 from nflux.data import Splits, Standardizer
+from nflux.transforms.preprocess import quantize as _quantize
 
 __all__ = ["ImageTask", "VectorTask", "make_task", "nll_sum", "quantize"]
 
@@ -99,7 +100,7 @@ class ImageTask:
 
 def quantize(x: torch.Tensor, levels: int) -> torch.Tensor:
     """[0, 1) images -> integer levels 0..L-1 (float64, on the CPU)."""
-    return torch.clamp(torch.floor(x.double().cpu() * levels), 0, levels - 1)
+    return _quantize(x.double().cpu(), levels)
 
 
 def make_task(splits: Splits, device: torch.device, seed: int, record: dict[str, Any] | None = None):

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from nflux.transforms.base import Compose
 from nflux.transforms.image import CheckerboardCoupling
+from nflux.transforms.preprocess import quantize
 
 
 class VariationalDequantize(nn.Module):
@@ -69,7 +70,7 @@ class VariationalDequantize(nn.Module):
         return self.sample(x, noise)[0]
 
     def quantize(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.floor(y * self.levels), 0, self.levels - 1)
+        return quantize(y, self.levels)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}"

@@ -38,6 +38,12 @@ def reduce_bits(x: torch.Tensor, levels: int, bits: int) -> torch.Tensor:
     return torch.floor(x / (levels // 2**bits))
 
 
+def quantize(y: torch.Tensor, levels: int) -> torch.Tensor:
+    """The inverse of dequantisation: [0, 1) images -> integer levels floor(y * L), clamped to
+    0..L-1 (in y's dtype and device)."""
+    return torch.clamp(torch.floor(y * levels), 0, levels - 1)
+
+
 class Dequantize(nn.Module):
     """Uniform dequantisation: integer images x (levels 0..L-1) -> (x + u) / L in [0, 1).
 
@@ -63,7 +69,7 @@ class Dequantize(nn.Module):
         return self(x, noise), x.new_zeros(x.shape[:-3])
 
     def quantize(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.floor(y * self.levels), 0, self.levels - 1)
+        return quantize(y, self.levels)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, noise={self.noise}"
