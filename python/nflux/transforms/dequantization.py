@@ -20,10 +20,10 @@ from torch.nn import functional as F
 
 from nflux.transforms.base import Compose
 from nflux.transforms.image import CheckerboardCoupling
-from nflux.transforms.preprocess import quantize
+from nflux.transforms.preprocess import _Dequantizer
 
 
-class VariationalDequantize(nn.Module):
+class VariationalDequantize(_Dequantizer):
     """Learned dequantisation noise q(u | x) for integer images `[B, C, H, W]` (levels 0..L-1).
 
     Args:
@@ -35,10 +35,8 @@ class VariationalDequantize(nn.Module):
 
     def __init__(self, shape: Sequence[int], levels: int, *, hidden: int = 32, steps: int = 4,
                  channels_last: bool = True):
-        super().__init__()
-        if levels < 2:
-            raise ValueError(f"nflux: levels must be >= 2, got {levels}")
-        self.shape, self.levels = tuple(int(s) for s in shape), int(levels)
+        super().__init__(levels)
+        self.shape = tuple(int(s) for s in shape)
         C = self.shape[0]
         self.features = nn.Sequential(
             nn.Conv2d(C, hidden, 3, padding=1), nn.ReLU(inplace=True),
@@ -68,9 +66,6 @@ class VariationalDequantize(nn.Module):
 
     def forward(self, x: torch.Tensor, noise: bool | None = None) -> torch.Tensor:
         return self.sample(x, noise)[0]
-
-    def quantize(self, y: torch.Tensor) -> torch.Tensor:
-        return quantize(y, self.levels)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}"

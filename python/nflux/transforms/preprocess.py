@@ -44,7 +44,21 @@ def quantize(y: torch.Tensor, levels: int) -> torch.Tensor:
     return torch.clamp(torch.floor(y * levels), 0, levels - 1)
 
 
-class Dequantize(nn.Module):
+class _Dequantizer(nn.Module):
+    """What `Dequantize` and `VariationalDequantize` share: the levels L and `quantize`, the
+    inverse of their y = (x + u) / L (they differ only in how u is drawn)."""
+
+    def __init__(self, levels: int):
+        super().__init__()
+        if levels < 2:
+            raise ValueError(f"nflux: levels must be >= 2, got {levels}")
+        self.levels = int(levels)
+
+    def quantize(self, y: torch.Tensor) -> torch.Tensor:
+        return quantize(y, self.levels)
+
+
+class Dequantize(_Dequantizer):
     """Uniform dequantisation: integer images x (levels 0..L-1) -> (x + u) / L in [0, 1).
 
     u ~ U[0, 1)^D when `noise` is true (the default, in training and evaluation alike, as
@@ -53,10 +67,8 @@ class Dequantize(nn.Module):
     """
 
     def __init__(self, levels: int, *, noise: bool = True):
-        super().__init__()
-        if levels < 2:
-            raise ValueError(f"nflux: levels must be >= 2, got {levels}")
-        self.levels, self.noise = int(levels), noise
+        super().__init__(levels)
+        self.noise = noise
 
     def forward(self, x: torch.Tensor, noise: bool | None = None) -> torch.Tensor:
         noise = self.noise if noise is None else noise
@@ -67,9 +79,6 @@ class Dequantize(nn.Module):
         """(y, log q(u | x)): the dequantised images and the log density of their noise,
         0 for uniform noise (the interface of `VariationalDequantize`)."""
         return self(x, noise), x.new_zeros(x.shape[:-3])
-
-    def quantize(self, y: torch.Tensor) -> torch.Tensor:
-        return quantize(y, self.levels)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, noise={self.noise}"
