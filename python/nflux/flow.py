@@ -102,11 +102,27 @@ class Flow(nn.Module):
         D = self.features
         if x.shape[-1] != D:
             raise ValueError(f"nflux: expected inputs with {D} features in the last dim, got {list(x.shape)}")
-        batch = x.shape[:-1]
+        return self._flatten_events(x, context, (D,))
+
+    @staticmethod
+    def _flatten_events(x, context, event_shape):
+        """x `[*batch, *event]` and context `[*cbatch, K]` broadcast to one flat batch (also for
+        `ImageFlow`'s image events)."""
+        batch = x.shape[: x.dim() - len(event_shape)]
         if context is not None:
             batch = torch.broadcast_shapes(batch, context.shape[:-1])
             context = context.expand(*batch, context.shape[-1]).reshape(-1, context.shape[-1])
-        return x.expand(*batch, D).reshape(-1, D), context, batch
+        return x.expand(*batch, *event_shape).reshape(-1, *event_shape), context, batch
+
+    @staticmethod
+    def _sample_batch(sample_shape, context):
+        """The batch `[*sample_shape, *cbatch]` of a draw and the context `[*cbatch, K]` broadcast
+        to it, flat."""
+        shape = torch.Size(sample_shape)
+        if context is not None:
+            shape = shape + context.shape[:-1]
+            context = context.expand(*shape, context.shape[-1]).reshape(-1, context.shape[-1])
+        return shape, context
 
     # --- the two directions -----------------------------------------------------------
     def transform(self, x: torch.Tensor, context: torch.Tensor | None = None):
@@ -132,10 +148,7 @@ class Flow(nn.Module):
         return self.log_prob(x, context)
 
     def _draw(self, sample_shape, context):
-        shape = torch.Size(sample_shape)
-        if context is not None:
-            shape = shape + context.shape[:-1]
-            context = context.expand(*shape, context.shape[-1]).reshape(-1, context.shape[-1])
+        shape, context = self._sample_batch(sample_shape, context)
         z = self.base.sample((math.prod(shape),))
         x, lad = self.transforms.inverse(z, context)
         log_prob = self.base.log_prob(z) - lad

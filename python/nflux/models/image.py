@@ -82,15 +82,6 @@ class ImageFlow(Flow):
             raise ValueError(f"nflux: expected images [..., {', '.join(map(str, self.shape))}], got {list(x.shape)}")
         return self._flatten_events(x, self._context(context), self.shape)
 
-    @staticmethod
-    def _flatten_events(x, context, event_shape):
-        """x `[*batch, *event]` and context `[*cbatch, K]` broadcast to one flat batch."""
-        batch = x.shape[: x.dim() - len(event_shape)]
-        if context is not None:
-            batch = torch.broadcast_shapes(batch, context.shape[:-1])
-            context = context.expand(*batch, context.shape[-1]).reshape(-1, context.shape[-1])
-        return x.expand(*batch, *event_shape).reshape(-1, *event_shape), context, batch
-
     def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None):
         """(x, log|det dx/dz|) for z `[*batch, D]`: x `[*batch, C, H, W]`."""
         if z.shape[-1:] != (self.features,):
@@ -100,11 +91,8 @@ class ImageFlow(Flow):
         return x.reshape(*batch, *self.shape), lad.reshape(batch)
 
     def _draw(self, sample_shape, context, temperature: float = 1.0):
-        shape = torch.Size([sample_shape] if isinstance(sample_shape, int) else sample_shape)
-        context = self._context(context)
-        if context is not None:
-            shape = shape + context.shape[:-1]
-            context = context.expand(*shape, context.shape[-1]).reshape(-1, context.shape[-1])
+        sample_shape = (sample_shape,) if isinstance(sample_shape, int) else sample_shape
+        shape, context = self._sample_batch(sample_shape, self._context(context))
         z = self.base.sample((math.prod(shape),)) * temperature
         x, lad = self.transforms.inverse(z, context)
         log_prob = self.base.log_prob(z) - lad
