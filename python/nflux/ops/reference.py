@@ -124,6 +124,14 @@ def affine_coupling(
     return x * torch.exp(log_scale) + shift, log_scale.reshape(rows).sum(1)
 
 
+def lu_factors(
+    lower: torch.Tensor, upper: torch.Tensor, log_scale: torch.Tensor, sign: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L + I, U + diag(sign * exp(log_scale))): the triangular factors of `lu_weight`'s W."""
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    return torch.tril(lower, -1) + eye, torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_scale))
+
+
 def lu_weight(
     perm: torch.Tensor,
     lower: torch.Tensor,
@@ -132,9 +140,7 @@ def lu_weight(
     sign: torch.Tensor,
 ) -> torch.Tensor:
     """W = P (L + I)(U + diag(sign * exp(log_scale))) with P = I[perm], so (P A) = A[perm]."""
-    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-    unit_lower = torch.tril(lower, -1) + eye
-    upper_diag = torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_scale))
+    unit_lower, upper_diag = lu_factors(lower, upper, log_scale, sign)
     return (unit_lower @ upper_diag)[perm]
 
 

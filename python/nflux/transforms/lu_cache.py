@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from nflux.ops import _autocast
+from nflux.ops import _autocast, reference
 from nflux.ops._checks import check_lu_conv1x1_args
 
 # (matrix applied over channels, offset added after it or None, log|det| per pixel)
@@ -26,18 +26,16 @@ def lu_affine(perm, lower, upper, log_scale, sign, bias=None, *, inverse=False, 
     """The map lu_conv1x1 applies, y = W (x + input_shift) + bias, as (W, W input_shift + bias),
     or for `inverse=True` as (W^-1, -(W^-1 bias) - input_shift); W^-1 comes from two triangular
     solves against P^T, never from a general inverse."""
-    C = lower.shape[0]
-    eye = torch.eye(C, dtype=lower.dtype, device=lower.device)
-    unit_lower = torch.tril(lower, -1) + eye
-    upper_diag = torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_scale))
     if not inverse:
-        w = (unit_lower @ upper_diag)[perm]
+        w = reference.lu_weight(perm, lower, upper, log_scale, sign)
         offset = bias
         if input_shift is not None:
             offset = w @ input_shift if bias is None else torch.addmv(bias, w, input_shift)
         return w, offset, log_scale.sum()
     # W^-1 = (U + D)^-1 (L + I)^-1 P^T, and P^T = I[:, perm].
-    z = torch.linalg.solve_triangular(unit_lower, eye[:, perm], upper=False, unitriangular=True)
+    unit_lower, upper_diag = reference.lu_factors(lower, upper, log_scale, sign)
+    p_t = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)[:, perm]
+    z = torch.linalg.solve_triangular(unit_lower, p_t, upper=False, unitriangular=True)
     w_inv = torch.linalg.solve_triangular(upper_diag, z, upper=True)
     offset = None if bias is None else -(w_inv @ bias)
     if input_shift is not None:
