@@ -15,7 +15,7 @@ import nflux
 from nflux.data import Standardizer
 from nflux.training.checkpoint import CheckpointError, _check_model, load_latest, restore
 from nflux.training.config import ConfigError, build_model
-from nflux.training.task import make_task, nll_sum, quantize
+from nflux.training.task import make_task, nll_sum, quantize, unstandardize
 from nflux.training.trainer import load_data_for, sample_model
 
 __all__ = ["evaluate", "load_run", "sample_run"]
@@ -58,12 +58,13 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[nflux.Flo
 
 
 def _output_units(record: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Model-space samples -> data units: un-standardised vectors, or integer image levels."""
+    """Model-space samples -> data units: un-standardised vectors, or integer image levels (the
+    task's `to_data`, from a run's record)."""
     if record["dataset"]["kind"] == "image":
         levels = int(record["levels"])
         return lambda x: quantize(x, levels)
     std = Standardizer.from_json(record["standardizer"])
-    return lambda x: std.inverse(x.double().cpu())
+    return lambda x: unstandardize(x, std)
 
 
 def evaluate(run_dir: str | os.PathLike, data: str | None = None, device: str = "cpu") -> dict[str, Any]:

@@ -23,7 +23,7 @@ import nflux
 from nflux.data import Splits, Standardizer
 from nflux.transforms.preprocess import quantize as _quantize
 
-__all__ = ["ImageTask", "VectorTask", "make_task", "nll_sum", "quantize"]
+__all__ = ["ImageTask", "VectorTask", "make_task", "nll_sum", "quantize", "unstandardize"]
 
 # Seeds the dequantisation noise of the val/test images, apart from the training stream.
 _EVAL_NOISE_SEED_OFFSET = 7919
@@ -51,7 +51,7 @@ class VectorTask:
         return None
 
     def to_data(self, x: torch.Tensor) -> torch.Tensor:
-        return self.std.inverse(x.double().cpu())
+        return unstandardize(x, self.std)
 
     def data_for_plot(self, splits: Splits) -> torch.Tensor:
         return splits.train
@@ -96,6 +96,11 @@ class ImageTask:
 
     def plot_count(self, n: int) -> int:
         return min(n, 64)  # one grid
+
+
+def unstandardize(x: torch.Tensor, std: Standardizer) -> torch.Tensor:
+    """Standardised vectors -> data units (float64, on the CPU)."""
+    return std.inverse(x.double().cpu())
 
 
 def quantize(x: torch.Tensor, levels: int) -> torch.Tensor:
