@@ -78,6 +78,15 @@ def test_bf16_training_reports_float32_metrics(run, tmp_path):
         make_config({"precision": "16"})  # a --config file's value is checked too
 
 
+def test_bf16_on_a_cpu_without_bf16_units_says_so(monkeypatch, tmp_path, capsys):
+    from nflux.training import trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
+    trainer.train({"model": "nice", "data": "moons", "steps": 2, "batch": 16, "layers": 1, "hidden": [4],
+                   "precision": "bf16", "out": str(tmp_path / "r"), "val_every": 2, "plot_samples": 0})
+    assert "no bfloat16 units" in capsys.readouterr().err
+
+
 def test_sample_npy_and_png(run, tmp_path):
     assert main(["sample", str(run), "-n", "300", "--out", str(tmp_path / "s.npy")]) == 0
     x = np.load(tmp_path / "s.npy")

@@ -91,6 +91,15 @@ def sample_model(model: nflux.Flow, n: int, generator: torch.Generator, temperat
     return x
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, and bfloat16 autocast runs slower than float32. torch's probes are private:
+    without them, assume it does."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    probes = [p for p in probes if p is not None]
+    return not probes or any(p() for p in probes)
+
+
 def make_adam(params, **options) -> torch.optim.Adam:
     """Adam without torch's CPU default of one loop iteration per parameter tensor, which flows
     have many of (a Glow on the digits: 108 tensors, 5.3 ms a step): one fused kernel (1.2 ms)
@@ -238,7 +247,11 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
     if ctx.is_main:
         _write_json(out / "config.json", record)
 
-    loss_fn: nn.Module = _NegLogLikelihood(model, bf16=config["precision"] == "bf16")
+    bf16 = config["precision"] == "bf16"
+    if bf16 and device.type == "cpu" and not cpu_has_bf16() and not quiet:
+        print("nflux: this CPU has no bfloat16 units (AVX512-BF16, AMX): --precision bf16 will train "
+              "slower than float32 here", file=sys.stderr)
+    loss_fn: nn.Module = _NegLogLikelihood(model, bf16=bf16)
     if config["compile"]:
         loss_fn.compile(backend=config["compile"])  # before DDP, as torch.compile's docs advise
     if ctx.active:
