@@ -128,7 +128,7 @@ def worker(config: str, build: str, threads: int) -> None:
         elif cmd == "profile":
             reply = profile_step(step)
         elif cmd == "bpd":
-            reply = {"bpd": train_and_evaluate(flow, opt, train, test, int(args[0]), bf16)}
+            reply = {"bpd": train_and_evaluate(flow, step, train, test, int(args[0]))}
         else:
             raise SystemExit(f"unknown command {cmd!r}")
         print(json.dumps(reply), flush=True)
@@ -151,19 +151,15 @@ def profile_step(step) -> dict:
     return parts
 
 
-def train_and_evaluate(flow, opt, train, test, steps: int, bf16: bool) -> float:
-    """Test bits/dim after `steps` training steps (in bfloat16 autocast if `bf16`), evaluated in float32."""
+def train_and_evaluate(flow, step, train, test, steps: int) -> float:
+    """Test bits/dim after `steps` calls of the worker's training `step` (so in its precision) on
+    random batches, evaluated in float32."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
     flow.train()
     for _ in range(steps):
-        idx = torch.randint(0, train.shape[0], (BATCH,), generator=gen)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = flow.bits_per_dim(train[idx]).mean()
-        loss.backward()
-        opt.step()
+        step(train[torch.randint(0, train.shape[0], (BATCH,), generator=gen)])
     flow.eval()
     torch.manual_seed(1)  # the dequantisation noise of the evaluation
     with torch.no_grad():

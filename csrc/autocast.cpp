@@ -19,39 +19,45 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <optional>
+
 namespace nflux {
 namespace {
 
-template <typename Fn>
-void for_each_tensor(torch::jit::Stack* stack, size_t arguments, Fn&& visit) {
-  for (auto it = stack->end() - static_cast<std::ptrdiff_t>(arguments); it != stack->end(); ++it) {
-    if (it->isTensor()) {
-      visit(it->toTensor());
-    } else if (it->isTensorList()) {
-      for (const at::Tensor& t : it->toTensorList()) visit(t);
-    }
-  }
-}
-
+// Replaces the stack's tensor arguments by cast(t); a tensor list is copied only if one of its
+// elements changes (the Python entry points have usually cast everything already).
 template <typename Cast>
 void cast_tensors(torch::jit::Stack* stack, size_t arguments, Cast&& cast) {
   for (auto it = stack->end() - static_cast<std::ptrdiff_t>(arguments); it != stack->end(); ++it) {
     if (it->isTensor()) {
       *it = cast(it->toTensor());
     } else if (it->isTensorList()) {
-      c10::List<at::Tensor> cast_list;
-      for (const at::Tensor& t : it->toTensorList()) cast_list.push_back(cast(t));
-      *it = std::move(cast_list);
+      const c10::List<at::Tensor> list = it->toTensorList();
+      std::optional<c10::List<at::Tensor>> cast_list;
+      for (size_t i = 0; i < list.size(); ++i) {
+        const at::Tensor t = list.get(i);
+        at::Tensor c = cast(t);
+        if (c.is_same(t)) continue;
+        if (!cast_list) cast_list = list.copy();
+        cast_list->set(i, std::move(c));
+      }
+      if (cast_list) *it = std::move(*cast_list);
     }
   }
 }
 
-bool any_double(torch::jit::Stack* stack, size_t arguments) {
-  bool found = false;
-  for_each_tensor(stack, arguments, [&](const at::Tensor& t) {
-    found = found || (t.defined() && t.scalar_type() == at::kDouble);
-  });
-  return found;
+bool is_double(const at::Tensor& t) { return t.defined() && t.scalar_type() == at::kDouble; }
+
+bool any_double(const torch::jit::Stack* stack, size_t arguments) {
+  for (auto it = stack->end() - static_cast<std::ptrdiff_t>(arguments); it != stack->end(); ++it) {
+    if (it->isTensor() && is_double(it->toTensor())) return true;
+    if (it->isTensorList()) {
+      for (const at::Tensor& t : it->toTensorList()) {
+        if (is_double(t)) return true;
+      }
+    }
+  }
+  return false;
 }
 
 enum class Policy { kFloat32OrWider, kAutocastDtype, kUnchanged };
@@ -59,17 +65,18 @@ enum class Policy { kFloat32OrWider, kAutocastDtype, kUnchanged };
 template <c10::DeviceType device, Policy policy>
 void autocast_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const size_t arguments = op.schema().arguments().size();
-  if (policy == Policy::kFloat32OrWider) {
+  if constexpr (policy == Policy::kFloat32OrWider) {
     const at::ScalarType target = any_double(stack, arguments) ? at::kDouble : at::kFloat;
     cast_tensors(stack, arguments, [&](const at::Tensor& t) {
       return t.defined() && t.is_floating_point() && t.scalar_type() != target ? t.to(target) : t;
     });
-  } else if (policy == Policy::kAutocastDtype && !any_double(stack, arguments)) {
+  } else if constexpr (policy == Policy::kAutocastDtype) {
     // As torch's lower-precision ops: float64 anywhere means no cast at all.
-    const at::ScalarType target = at::autocast::get_autocast_dtype(device);
-    cast_tensors(stack, arguments, [&](const at::Tensor& t) {
-      return t.defined() ? at::autocast::cached_cast(target, t, device) : t;
-    });
+    if (!any_double(stack, arguments)) {
+      const at::ScalarType target = at::autocast::get_autocast_dtype(device);
+      cast_tensors(stack, arguments,
+                   [&](const at::Tensor& t) { return at::autocast::cached_cast(target, t, device); });
+    }
   }
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));

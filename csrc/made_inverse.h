@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <string>
 #include <tuple>
 #include <vector>
 

@@ -12,6 +12,7 @@ from nflux import _extension, ops
 from nflux.nets.made import MADE
 
 from _flow_helpers import perturb
+from test_lu_conv1x1 import data, params
 
 pytestmark = pytest.mark.skipif(not _extension.loaded, reason="native extension not built")
 
@@ -22,10 +23,6 @@ def autocast(dtype=BF16):
     return torch.autocast("cpu", dtype=dtype)
 
 
-def _randn(*shape, seed=0, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
 @pytest.fixture(params=["wrapper", "torch.ops"])
 def entry(request):
     return request.param
@@ -34,9 +31,9 @@ def entry(request):
 @pytest.mark.parametrize("half", [BF16, torch.float16])
 @pytest.mark.parametrize("scale,inverse", [("exp", False), ("sigmoid", True)])
 def test_affine_coupling_computes_in_float32(entry, scale, inverse, half):
-    x = _randn(6, 5, seed=0)
-    shift = _randn(6, 5, seed=1).to(half).requires_grad_()
-    logits = _randn(6, 5, seed=2).to(half).requires_grad_()
+    x = data((6, 5), torch.float32, seed=0)
+    shift = data((6, 5), torch.float32, seed=1).to(half).requires_grad_()
+    logits = data((6, 5), torch.float32, seed=2).to(half).requires_grad_()
 
     def run(x, s, l):
         if entry == "wrapper":
@@ -57,8 +54,8 @@ def test_affine_coupling_computes_in_float32(entry, scale, inverse, half):
 
 def test_rq_spline_computes_in_float32(entry):
     K = 5
-    x = _randn(7, 3, seed=0) * 2
-    w, h, d = (_randn(7, 3, n, seed=s).to(BF16) for n, s in ((K, 1), (K, 2), (K - 1, 3)))
+    x = data((7, 3), torch.float32, seed=0) * 2
+    w, h, d = (data((7, 3, n), torch.float32, seed=s).to(BF16) for n, s in ((K, 1), (K, 2), (K - 1, 3)))
     with autocast():
         if entry == "wrapper":
             y, lad = ops.rq_spline(x, w, h, d)
@@ -75,10 +72,8 @@ def test_rq_spline_computes_in_float32(entry):
 
 @pytest.mark.parametrize("inverse", [False, True])
 def test_lu_conv1x1_products_stay_float32(entry, inverse):
-    from test_lu_conv1x1 import params
-
     perm, lower, upper, log_scale, sign, bias = params(8, dtype=torch.float32)
-    x = _randn(4, 8, 3, 3, seed=5)
+    x = data((4, 8, 3, 3), torch.float32, seed=5)
     args = (x, perm, lower, upper, log_scale, sign, bias)
 
     def run():
@@ -101,7 +96,7 @@ def test_masked_linear_computes_in_the_autocast_dtype(entry):
     w, b, mask = made.weights[1], made.biases[1], made.masks()[1]
     blocks = ops.masked_linear_blocks(mask, overhead=0)
     assert blocks, "a sorted MADE mask has rectangles"
-    x = _randn(9, 16, seed=3)
+    x = data((9, 16), torch.float32, seed=3)
     with autocast():
         if entry == "wrapper":
             y = ops.masked_linear(x, w, b, mask, blocks)
@@ -119,16 +114,16 @@ def test_masked_linear_in_half_types_takes_one_dense_product():
     made = MADE(6, 2, (16, 16))
     w, b, mask = (t.detach().to(BF16) for t in (made.weights[1], made.biases[1], made.masks()[1]))
     blocks = [0, 1, 0, 16]  # covers row 0 only: honoured, it would leave the other rows at the bias
-    x = _randn(9, 16, seed=3).to(BF16)
+    x = data((9, 16), torch.float32, seed=3).to(BF16)
     assert torch.equal(ops.masked_linear(x, w, b, mask, blocks), ops.masked_linear(x, w, b, mask))
-    g = _randn(9, 16, seed=4).to(BF16)
+    g = data((9, 16), torch.float32, seed=4).to(BF16)
     with_blocks = torch.ops.nflux.masked_linear_backward(g, x, w, mask, blocks)
     dense = torch.ops.nflux.masked_linear_backward(g, x, w, mask, [])
     assert all(torch.equal(a, d) for a, d in zip(with_blocks, dense))
 
 
 def test_float64_is_left_alone(entry):
-    x, shift, logits = (_randn(4, 3, seed=s, dtype=torch.float64) for s in range(3))
+    x, shift, logits = (data((4, 3), torch.float64, seed=s) for s in range(3))
     made = MADE(3, 2, (8,)).double()
     w, b, mask = made.weights[0], made.biases[0], made.masks()[0]
     blocks = ops.masked_linear_blocks(mask, overhead=0)
@@ -151,28 +146,26 @@ def test_float64_is_left_alone(entry):
 
 def test_made_inverse_and_transformer_compute_in_float32():
     made = perturb(MADE(4, 2, (12, 12)), 0.2)
-    y = _randn(5, 4, seed=7)
+    y = data((5, 4), torch.float32, seed=7)
     args = (list(made.weights), list(made.biases), made.degrees)
     with autocast():
         x, lad = ops.made_inverse(y.to(BF16), *args)
     assert x.dtype == torch.float32
     torch.testing.assert_close(x, ops.made_inverse(y.to(BF16).float(), *args)[0], atol=0, rtol=0)
-    params = _randn(5, 4, 2, seed=8).to(BF16)
+    ar_params = data((5, 4, 2), torch.float32, seed=8).to(BF16)
     with autocast():
-        out, lad = ops.autoregressive_transformer(y, params, "affine")
-        back, lad_back = ops.autoregressive_transformer(out, params, "affine", inverse=True)
+        out, lad = ops.autoregressive_transformer(y, ar_params, "affine")
+        back, lad_back = ops.autoregressive_transformer(out, ar_params, "affine", inverse=True)
     assert out.dtype == lad.dtype == torch.float32
-    torch.testing.assert_close(out, ops.autoregressive_transformer(y, params.float(), "affine")[0], atol=0, rtol=0)
+    torch.testing.assert_close(out, ops.autoregressive_transformer(y, ar_params.float(), "affine")[0], atol=0, rtol=0)
     torch.testing.assert_close(back, y, atol=1e-6, rtol=1e-6)  # exact inverse: exp in float32
 
 
 def test_fallback_follows_the_same_policy(monkeypatch):
-    from test_lu_conv1x1 import params
-
-    x = _randn(6, 5, seed=0)
-    shift, logits = (_randn(6, 5, seed=s).to(BF16) for s in (1, 2))
-    w, h, d = (_randn(6, 5, n, seed=s).to(BF16) for n, s in ((4, 3), (4, 4), (3, 5)))
-    conv_args = (_randn(4, 8, 3, 3, seed=5), *params(8, dtype=torch.float32))
+    x = data((6, 5), torch.float32, seed=0)
+    shift, logits = (data((6, 5), torch.float32, seed=s).to(BF16) for s in (1, 2))
+    w, h, d = (data((6, 5, n), torch.float32, seed=s).to(BF16) for n, s in ((4, 3), (4, 4), (3, 5)))
+    conv_args = (data((4, 8, 3, 3), torch.float32, seed=5), *params(8, dtype=torch.float32))
     made = perturb(MADE(5, 2, (12, 12)), 0.2)
     made_args = (x, list(made.weights), list(made.biases), made.degrees)
 
@@ -295,17 +288,15 @@ def test_compile_fullgraph_under_autocast(name):
 
 @pytest.mark.cuda
 def test_cuda_autocast_follows_the_same_policy():
-    from test_lu_conv1x1 import params
-
     dev = torch.device("cuda")
-    x = _randn(6, 5, seed=0).to(dev)
-    shift, logits = (_randn(6, 5, seed=s).to(dev, BF16) for s in (1, 2))
-    w, h, d = (_randn(6, 5, n, seed=s).to(dev, BF16) for n, s in ((4, 3), (4, 4), (3, 5)))
+    x = data((6, 5), torch.float32, seed=0).to(dev)
+    shift, logits = (data((6, 5), torch.float32, seed=s).to(dev, BF16) for s in (1, 2))
+    w, h, d = (data((6, 5, n), torch.float32, seed=s).to(dev, BF16) for n, s in ((4, 3), (4, 4), (3, 5)))
     perm, lower, upper, log_scale, sign, bias = (t.to(dev) for t in params(8, dtype=torch.float32))
-    xc = _randn(4, 8, 3, 3, seed=5).to(dev)
+    xc = data((4, 8, 3, 3), torch.float32, seed=5).to(dev)
     made = MADE(6, 2, (16, 16)).to(dev)
     wm, bm, mask = made.weights[1], made.biases[1], made.masks()[1]
-    xm = _randn(9, 16, seed=3).to(dev)
+    xm = data((9, 16), torch.float32, seed=3).to(dev)
     with torch.autocast("cuda", dtype=BF16):
         coupled = ops.affine_coupling(x, shift, logits)
         spline = ops.rq_spline(x, w, h, d)

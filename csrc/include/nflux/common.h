@@ -62,14 +62,15 @@ NFLUX_HOST_DEVICE float float_of(int32_t i) {
 // e^x = 2^n * y / Scale: n = round(x / ln 2), y = Scale * e^r with |r| <= ln2 / 2 from Cephes
 // expf's polynomial (Scale, a power of two, folded exactly into its coefficients). Rounds with
 // the 1.5*2^23 trick: t = x / ln2 + 1.5*2^23 holds n in its low mantissa bits, and n = t - 1.5*2^23
-// (no libm call, vectorises on SSE2).
+// (no libm call, vectorises on SSE2); the integer n comes from t's bits, for building 2^n.
 constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
 
 template <int Scale = 1>
-NFLUX_HOST_DEVICE float exp_reduced(float x, float& t, float& n) {
+NFLUX_HOST_DEVICE float exp_reduced(float x, int32_t& n_int) {
   constexpr float s = static_cast<float>(Scale);
-  t = x * 1.44269504088896341f + kRoundMagic;
-  n = t - kRoundMagic;
+  const float t = x * 1.44269504088896341f + kRoundMagic;
+  const float n = t - kRoundMagic;
+  n_int = bits_of(t) - bits_of(kRoundMagic);
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = s * 1.9875691500e-4f;
   p = p * r + s * 1.3981999507e-3f;
@@ -89,9 +90,9 @@ NFLUX_HOST_DEVICE float exp_reduced(float x, float& t, float& n) {
 NFLUX_HOST_DEVICE float exp_poly(float x) {
   float xc = x < -100.0f ? -100.0f : x;
   xc = xc > 89.0f ? 89.0f : xc;
-  float t, n;
-  const float y2 = exp_reduced<2>(xc, t, n);
-  int32_t biased = bits_of(t) - bits_of(kRoundMagic) + 126;  // n - 1 + 127
+  int32_t n;
+  const float y2 = exp_reduced<2>(xc, n);
+  int32_t biased = n + 126;  // n - 1 + 127
   biased = biased < 0 ? 0 : biased;
   return y2 * float_of(biased << 23);
 }
@@ -101,9 +102,9 @@ NFLUX_HOST_DEVICE float exp_poly(float x) {
 NFLUX_HOST_DEVICE float exp_poly_nonpositive(float x) {
   const float lo = -87.33654475f;
   const float xc = x < lo ? lo : x;  // NaN stays NaN
-  float t, n;
-  const float y = exp_reduced(xc, t, n);
-  return y * float_of((bits_of(t) - bits_of(kRoundMagic) + 127) << 23);  // n in [-126, 0]
+  int32_t n;
+  const float y = exp_reduced(xc, n);
+  return y * float_of((n + 127) << 23);  // n in [-126, 0]
 }
 
 // Branch-free float tanh: odd Taylor series to a^9 for |a| < 1/4 (truncation < 1e-8 relative),

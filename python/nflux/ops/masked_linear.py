@@ -52,12 +52,11 @@ def masked_linear(
         # beats the rectangles' several narrow ones (2.3x less time than float32 rectangles for
         # a [512, 256] x [256, 256] forward+backward on one AMX core): the reference, torch's
         # linear of the masked weight, which autocast casts as for any linear layer.
-        return reference.masked_linear(input, weight, bias, mask)
+        return reference.masked_product(input, weight, bias, mask)
     if _extension.native(input, _NATIVE_DTYPES):
         return torch.ops.nflux.masked_linear(input, weight, bias, mask, blocks)
     _extension.warn_fallback("masked_linear", input.device)
-    with _autocast.fallback_context(input):  # float64 under autocast: no cast, as torch's linear
-        return reference.masked_linear(input, weight, bias, mask)
+    return reference.masked_linear(input, weight, bias, mask)
 
 
 def masked_linear_blocks(mask: torch.Tensor, overhead: int = BLOCK_OVERHEAD) -> list[int]:

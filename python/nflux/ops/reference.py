@@ -189,6 +189,11 @@ def masked_linear(
     """y = input (weight * mask)^T + bias; see nflux.ops.masked_linear. Under autocast, torch's
     linear casts its arguments as for any linear layer."""
     check_masked_linear_args(input, weight, bias, mask, same_dtype=not _autocast.enabled(input))
+    return masked_product(input, weight, bias, mask)
+
+
+def masked_product(input, weight, bias, mask):
+    """masked_linear's product on checked arguments (nflux.ops.masked_linear's autocast path)."""
     return F.linear(input, weight * mask, bias)
 
 

@@ -78,7 +78,9 @@ class _NegLogLikelihood(nn.Module):
         self.flow, self.bf16 = flow, bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        if not self.bf16:  # no autocast context to enter and leave on every step
+            return -self.flow.log_prob(x).mean()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             return -self.flow.log_prob(x).mean()
 
 
@@ -102,9 +104,10 @@ def cpu_has_bf16() -> bool:
 
 def make_adam(params, **options) -> torch.optim.Adam:
     """Adam without torch's CPU default of one loop iteration per parameter tensor, which flows
-    have many of (a Glow on the digits: 108 tensors, 5.3 ms a step): one fused kernel (1.2 ms)
-    when every parameter is a plain contiguous tensor on a device torch has it for, else the
-    multi-tensor (foreach) path (3.1 ms). The same update up to rounding. Not fused for
+    have many of: one fused kernel when every parameter is a plain contiguous tensor on a device
+    torch has it for (NSF, 32 tensors: 428 us against 1.72 ms), else the multi-tensor (foreach)
+    path (the digits Glow, 108 tensors with channels-last conv weights: 2.14 ms against 3.31 ms;
+    benchmarks/bench_overhead.py). The same update up to rounding. Not fused for
     channels-last conv weights: torch's fused CPU kernel ignores strides, so state restored in
     another layout would be paired with the wrong elements."""
     params = list(params)

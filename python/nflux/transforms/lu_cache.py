@@ -109,12 +109,10 @@ def cached_lu_conv1x1(cache: LUCache, x, perm, lower, upper, log_scale, sign, bi
         return None
     if _autocast.enabled(x):
         # The op's autocast policy: the map in float32 (float64), whatever dtype x arrives in,
-        # and with autocast off so that neither building W nor applying it runs in bfloat16.
+        # and (below) with autocast off so that neither building W nor applying it runs in bfloat16.
         if lower.dtype not in (torch.float32, torch.float64):
             return None  # the op casts the factors too; a cache of cast copies would never hit
-        with torch.autocast(x.device.type, enabled=False):
-            return cached_lu_conv1x1(cache, x.to(torch.promote_types(x.dtype, lower.dtype)), perm, lower, upper,
-                                     log_scale, sign, bias, inverse=inverse, extra=extra, fold=fold)
+        x, _ = _autocast.to_float32_or_wider(x, lower)
     check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
 
     def build():
@@ -123,4 +121,5 @@ def cached_lu_conv1x1(cache: LUCache, x, perm, lower, upper, log_scale, sign, bi
             args.update(fold())
         return lu_affine(**args, inverse=inverse)
 
-    return apply_affine(cache.get(tensors, inverse, build), x)
+    with _autocast.fallback_context(x):
+        return apply_affine(cache.get(tensors, inverse, build), x)
