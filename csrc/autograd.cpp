@@ -12,6 +12,8 @@
 #include <tuple>
 #include <vector>
 
+#include "backward_guard.h"
+
 namespace nflux {
 namespace {
 
@@ -80,6 +82,7 @@ class RqSplineFunction : public torch::autograd::Function<RqSplineFunction> {
     const std::vector<double> b = ctx->saved_data["bounds"].toDoubleVector();
     const RqSplineOptions o{ctx->saved_data["inverse"].toBool(), b[0], b[1], b[2], b[3]};
     // Undefined output gradients arrive as zeros (materialize_grads is on).
+    BackwardOpGuard guard;
     auto [grad_x, grad_widths, grad_heights, grad_derivatives] =
         rq_spline_backward_call(grads[0], grads[1], s[0], s[1], s[2], s[3], o);
     return {grad_x,       grad_widths,  grad_heights, grad_derivatives, at::Tensor(),
@@ -150,6 +153,7 @@ class AffineCouplingFunction : public torch::autograd::Function<AffineCouplingFu
     // Undefined output gradients arrive as zeros (materialize_grads is on).
     const at::Tensor& grad_y = grads[0];
     const at::Tensor& grad_lad = grads[1];
+    BackwardOpGuard guard;
     auto [grad_x, grad_shift, grad_logits] =
         affine_coupling_backward_call(grad_y, grad_lad, x, shift, logits, kind, clamp, inverse);
     // Forward direction: y = x * scale + shift, so dL/dshift is grad_y itself (and so is dL/dx
@@ -225,6 +229,7 @@ class LuConv1x1Function : public torch::autograd::Function<LuConv1x1Function> {
     const auto s = ctx->get_saved_variables();
     const auto bias = defined_or_none(s[6]);
     const auto input_shift = defined_or_none(s[7]);
+    BackwardOpGuard guard;
     auto [grad_x, grad_lower, grad_upper, grad_log_scale, grad_bias, grad_shift] =
         lu_conv1x1_backward_call(grads[0], grads[1], s[0], s[1], s[2], s[3], s[4], s[5], bias,
                                  ctx->saved_data["inverse"].toBool(), input_shift);

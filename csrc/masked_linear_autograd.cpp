@@ -11,6 +11,8 @@
 #include <tuple>
 #include <vector>
 
+#include "backward_guard.h"
+
 namespace nflux {
 namespace {
 
@@ -55,6 +57,7 @@ class MaskedLinearFunction : public torch::autograd::Function<MaskedLinearFuncti
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const std::vector<int64_t> blocks = ctx->saved_data["blocks"].toIntVector();
+    BackwardOpGuard guard;
     auto [grad_input, grad_weight, grad_bias] =
         masked_linear_backward_call(grads[0], saved[0], saved[1], saved[2], blocks);
     return {grad_input, grad_weight,

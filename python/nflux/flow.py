@@ -17,6 +17,7 @@ flattens to `[N, D]` / `[N, C]` with static shapes, so all of this compiles with
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -83,25 +84,43 @@ class Flow(nn.Module):
         base: an nn.Module with `features`, `log_prob(z [N, D]) -> [N]` and
             `sample(shape) -> [*shape, D]`; an int D for `StandardNormal(D)`; or a
             `torch.distributions.Distribution` with event shape `(D,)` (see `DistributionBase`).
+        context: the context's width C, if the transform takes one (0: it takes none). Every
+            call checks the context against it, so a wrong width is a `ValueError` naming both,
+            not a shape error deep in a conditioner. None (the default) checks nothing.
 
-    Calling the flow (`flow(x, context)`) is `log_prob`.
+    Calling the flow (`flow(x, context)`) is `log_prob`. `sample_shape` arguments take an int n
+    as `(n,)`.
     """
 
-    def __init__(self, transform: nn.Module | Sequence[nn.Module], base: nn.Module | int):
+    def __init__(self, transform: nn.Module | Sequence[nn.Module], base: nn.Module | int, *,
+                 context: int | None = None):
         super().__init__()
         self.transforms = Compose(*transform) if isinstance(transform, (list, tuple)) else transform
-        if isinstance(base, int):
-            base = StandardNormal(base)
+        if isinstance(base, numbers.Integral):
+            base = StandardNormal(int(base))
         elif isinstance(base, Distribution):
             base = DistributionBase(base)
         self.base = base
         self.features = int(self.base.features)
+        self.context_features = None if context is None else int(context)
 
     # --- shape plumbing -------------------------------------------------------------
+    def _check_context(self, context: torch.Tensor | None) -> None:
+        C = self.context_features
+        if C is None:
+            return
+        if C == 0 and context is not None:
+            raise ValueError("nflux: this flow was built without context (context=0), but a context was given")
+        if C > 0 and context is None:
+            raise ValueError(f"nflux: this flow needs a context [..., {C}]")
+        if context is not None and (context.dim() == 0 or context.shape[-1] != C):
+            raise ValueError(f"nflux: expected a context [..., {C}], got {list(context.shape)}")
+
     def _flatten(self, x: torch.Tensor, context: torch.Tensor | None):
         D = self.features
-        if x.shape[-1] != D:
+        if x.dim() == 0 or x.shape[-1] != D:
             raise ValueError(f"nflux: expected inputs with {D} features in the last dim, got {list(x.shape)}")
+        self._check_context(context)
         return self._flatten_events(x, context, (D,))
 
     @staticmethod
@@ -117,8 +136,8 @@ class Flow(nn.Module):
     @staticmethod
     def _sample_batch(sample_shape, context):
         """The batch `[*sample_shape, *cbatch]` of a draw and the context `[*cbatch, K]` broadcast
-        to it, flat."""
-        shape = torch.Size(sample_shape)
+        to it, flat. An int n is the sample shape `(n,)`."""
+        shape = torch.Size((sample_shape,) if isinstance(sample_shape, numbers.Integral) else sample_shape)
         if context is not None:
             shape = shape + context.shape[:-1]
             context = context.expand(*shape, context.shape[-1]).reshape(-1, context.shape[-1])
@@ -148,6 +167,7 @@ class Flow(nn.Module):
         return self.log_prob(x, context)
 
     def _draw(self, sample_shape, context):
+        self._check_context(context)
         shape, context = self._sample_batch(sample_shape, context)
         z = self.base.sample((math.prod(shape),))
         x, lad = self.transforms.inverse(z, context)
@@ -183,32 +203,52 @@ class FlowDistribution(Distribution):
     """`torch.distributions.Distribution` view of a flow at a fixed context.
 
     batch_shape is the context's batch shape (`()` without context), event_shape `(D,)`;
-    `sample`/`rsample(sample_shape)` give `[*sample_shape, *batch_shape, D]`.
+    `sample`/`rsample(sample_shape)` give `[*sample_shape, *batch_shape, D]`. `expand` (pyro's
+    plates, `expand_by`) broadcasts the context, or for an unconditional flow draws independent
+    samples over the new batch shape. `validate_args` follows torch's default
+    (`Distribution.set_default_validate_args`): with it, `log_prob` rejects a value that is not
+    a real vector of D features.
     """
 
     arg_constraints: dict = {}
     support = constraints.real_vector
     has_rsample = True
 
-    def __init__(self, flow: Flow, context: torch.Tensor | None = None):
+    def __init__(self, flow: Flow, context: torch.Tensor | None = None, batch_shape=None, validate_args=None):
         self.flow, self.context = flow, context
-        batch_shape = context.shape[:-1] if context is not None else torch.Size()
-        super().__init__(batch_shape, torch.Size([flow.features]), validate_args=False)
+        if batch_shape is None:
+            batch_shape = context.shape[:-1] if context is not None else torch.Size()
+        super().__init__(torch.Size(batch_shape), torch.Size([flow.features]), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None) -> "FlowDistribution":
+        batch_shape = torch.Size(batch_shape)
+        if torch.broadcast_shapes(batch_shape, self.batch_shape) != batch_shape:
+            raise ValueError(f"nflux: cannot expand batch shape {tuple(self.batch_shape)} to {tuple(batch_shape)}")
+        context = None if self.context is None else self.context.expand(*batch_shape, self.context.shape[-1])
+        return FlowDistribution(self.flow, context, batch_shape, validate_args=self._validate_args)
+
+    def _full(self, sample_shape) -> torch.Size:
+        """What the flow must draw: the sample shape, then the batch dims the context lacks."""
+        sample_shape = torch.Size(sample_shape)
+        return sample_shape + self.batch_shape if self.context is None else sample_shape
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return self.flow.log_prob(value, self.context)
+        if self._validate_args:
+            self._validate_sample(value)
+        lp = self.flow.log_prob(value, self.context)
+        return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return self.flow.rsample(sample_shape, self.context)
+        return self.flow.rsample(self._full(sample_shape), self.context)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return self.flow.sample(sample_shape, self.context)
+        return self.flow.sample(self._full(sample_shape), self.context)
 
     def rsample_and_log_prob(self, sample_shape=torch.Size()):
-        return self.flow.rsample_and_log_prob(sample_shape, self.context)
+        return self.flow.rsample_and_log_prob(self._full(sample_shape), self.context)
 
     def sample_and_log_prob(self, sample_shape=torch.Size()):
-        return self.flow.sample_and_log_prob(sample_shape, self.context)
+        return self.flow.sample_and_log_prob(self._full(sample_shape), self.context)
 
     def __repr__(self) -> str:
         return f"FlowDistribution(batch_shape={tuple(self.batch_shape)}, event_shape={tuple(self.event_shape)})"

@@ -30,7 +30,7 @@ class NICE(Flow):
             for i in range(layers)
         ]
         transforms.append(ActNorm(features, data_init=False))
-        super().__init__(transforms, StandardNormal(features))
+        super().__init__(transforms, StandardNormal(features), context=context)
         self.config = dict(features=features, context=context, layers=layers, hidden=tuple(hidden))
 
     def extra_repr(self) -> str:

@@ -91,7 +91,6 @@ class ImageFlow(Flow):
         return x.reshape(*batch, *self.shape), lad.reshape(batch)
 
     def _draw(self, sample_shape, context, temperature: float = 1.0):
-        sample_shape = (sample_shape,) if isinstance(sample_shape, int) else sample_shape
         shape, context = self._sample_batch(sample_shape, self._context(context))
         z = self.base.sample((math.prod(shape),)) * temperature
         x, lad = self.transforms.inverse(z, context)

@@ -23,6 +23,8 @@ class NSF(Flow):
                  activation: str = "relu"):
         if layers < 1:
             raise ValueError(f"nflux: layers must be >= 1, got {layers}")
+        if residual and not autoregressive:
+            raise ValueError("nflux: residual=True is for the MADE of an autoregressive NSF (autoregressive=True)")
         if not autoregressive and features < 2:
             raise ValueError("nflux: a coupling NSF needs features >= 2 (use autoregressive=True)")
         transforms = [ActNorm(features)]
@@ -35,9 +37,9 @@ class NSF(Flow):
                 transforms.append(SplineCoupling(
                     features, alternating_mask(features, i % 2), context=context, hidden=hidden, bins=bins,
                     tail_bound=tail_bound, activation=activation))
-        super().__init__(transforms, StandardNormal(features))
+        super().__init__(transforms, StandardNormal(features), context=context)
         self.config = dict(features=features, context=context, layers=layers, hidden=tuple(hidden), bins=bins,
-                           tail_bound=tail_bound, autoregressive=autoregressive)
+                           tail_bound=tail_bound, autoregressive=autoregressive, residual=residual)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config.items())

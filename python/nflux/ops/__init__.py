@@ -3,12 +3,16 @@
 Models and transforms call these functions, never torch.ops.nflux directly.
 """
 
-from nflux.ops import reference
+from nflux import _extension
+from nflux.ops import _double_backward, reference
 from nflux.ops.coupling import affine_coupling
 from nflux.ops.lu_conv1x1 import actnorm_lu_conv1x1, fold_actnorm, lu_conv1x1
 from nflux.ops.made_inverse import autoregressive_transformer, made_inverse
 from nflux.ops.masked_linear import masked_linear, masked_linear_blocks
 from nflux.ops.rq_spline import rq_spline
+
+if _extension.loaded:
+    _double_backward.register()
 
 __all__ = [
     "actnorm_lu_conv1x1",
