@@ -31,9 +31,11 @@ def register_elementwise_vmap(qualname: str, tensor_args: int, outputs: int) -> 
 
 
 def fake_like(*templates: Sequence[int]) -> Callable:
-    """A fake kernel returning empty tensors shaped like the given argument positions."""
+    """A fake kernel returning empty tensors shaped like the given argument positions, and
+    contiguous as the kernels' outputs are whatever the inputs' layout (not `empty_like`, which
+    would copy a transposed or channels-last layout and fail torch.compile's stride check)."""
 
     def fake(*args):
-        return tuple(torch.empty_like(args[i]) for i in templates)
+        return tuple(args[i].new_empty(args[i].shape) for i in templates)
 
     return fake

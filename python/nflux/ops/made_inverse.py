@@ -128,16 +128,17 @@ def reference_backward(ctx, grad_x, grad_logabsdet):
     return (g_y, list(g_w), list(g_b), None, list(g_c), *([None] * len(ctx.options)))
 
 
+# Outputs are contiguous whatever the inputs' layout, as the kernels write them.
 def _fake(y, weights, biases, degrees, context_terms, *options):
-    return torch.empty_like(y), y.new_empty(y.shape[0])
+    return y.new_empty(y.shape), y.new_empty(y.shape[0])
 
 
 def _fake_backward(grad_x, grad_logabsdet, y, weights, biases, degrees, context_terms, *options):
     return (
-        torch.empty_like(y),
-        [torch.empty_like(w) for w in weights],
-        [torch.empty_like(b) for b in biases],
-        [torch.empty_like(t) for t in context_terms],
+        y.new_empty(y.shape),
+        [w.new_empty(w.shape) for w in weights],
+        [b.new_empty(b.shape) for b in biases],
+        [t.new_empty(t.shape) for t in context_terms],
     )
 
 

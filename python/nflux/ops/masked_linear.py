@@ -121,7 +121,8 @@ def _fake(input, weight, bias, mask, blocks=()):
 
 
 def _fake_backward(grad_output, input, weight, mask, blocks=()):
-    return torch.empty_like(input), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+    # Contiguous, as the kernel's products are, whatever the inputs' layout.
+    return input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
 
 
 if _extension.loaded:
