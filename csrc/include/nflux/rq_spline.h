@@ -182,7 +182,9 @@ NFLUX_HOST_DEVICE acc_t bin_inverse_theta(const Bin<acc_t>& b, acc_t y) {
   const acc_t discriminant = max_of(qb * qb - acc_t(4) * qa * qc, acc_t(0));
   // For dy in [0, h] and s > 0 the denominator -qb - sqrt(disc) is strictly negative: no 0/0.
   const acc_t root = (acc_t(2) * qc) / (-qb - math_sqrt(discriminant));
-  return clamp_to(root, acc_t(0), acc_t(1));
+  // The right knot itself is theta = 1 exactly: with d0 >> s the root cancels to just under 1
+  // in float32, and y = +tail_bound would then miss the identity tail (evaluate's theta >= 1).
+  return dy >= b.h ? acc_t(1) : clamp_to(root, acc_t(0), acc_t(1));
 }
 
 // Gradients of a loss through y = bin value and l = log dy/dx at theta, given dL/dy = gy and
