@@ -142,12 +142,12 @@ NFLUX_ROW_CLONES void backward_block(const scalar_t* __restrict g, const scalar_
       const acc v = static_cast<acc>(in[j]);
       if (Inverse) {
         const acc x_out = (v - static_cast<acc>(shift[j])) * sc.inv_scale;
-        const acc gy = gv * sc.inv_scale;
+        const acc gy = coupling::times_grad(gv, sc.inv_scale);
         g_in[j] = static_cast<scalar_t>(gy);
         g_shift[j] = static_cast<scalar_t>(-gy);
         g_logits[j] = static_cast<scalar_t>(coupling::inverse_grad_logit(sc, x_out, gv, glad));
       } else {
-        g_in[j] = static_cast<scalar_t>(gv * sc.scale);
+        g_in[j] = static_cast<scalar_t>(coupling::times_grad(gv, sc.scale));
         g_logits[j] = static_cast<scalar_t>(coupling::forward_grad_logit(sc, v, gv, glad));
       }
     }

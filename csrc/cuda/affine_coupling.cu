@@ -91,12 +91,12 @@ __global__ void backward_kernel(const T* __restrict__ g, const T* __restrict__ g
     const acc v = load(in + i);
     if (Inverse) {
       const acc x_out = (v - load(shift + i)) * sc.inv_scale;
-      const acc gy = gv * sc.inv_scale;
+      const acc gy = coupling::times_grad(gv, sc.inv_scale);
       store(g_in + i, gy);
       store(g_shift + i, -gy);
       store(g_logits + i, coupling::inverse_grad_logit(sc, x_out, gv, glad));
     } else {
-      store(g_in + i, gv * sc.scale);
+      store(g_in + i, coupling::times_grad(gv, sc.scale));
       store(g_logits + i, coupling::forward_grad_logit(sc, v, gv, glad));
     }
   }

@@ -69,6 +69,15 @@ NFLUX_HOST_DEVICE Scale<T> eval_scale(T s, T clamp, T inv_clamp) {
   return r;
 }
 
+// g * v, where a zero g contributes nothing even if v overflowed to inf: a zero cotangent is
+// what autograd hands for an unused output, so the gradient of logabsdet alone stays finite
+// where exp(s) or x = (y - shift) / scale leaves float range (the reference's graph never
+// visits the unused product at all).
+template <typename T>
+NFLUX_HOST_DEVICE T times_grad(T g, T v) {
+  return g == T(0) ? T(0) : g * v;
+}
+
 // Gradient of one element, forward direction (x in, y out):
 //   gx = gy * scale, gshift = gy, gs = dlog_ds * (gy * x * scale + glad)
 // (d scale / d s = scale * dlog_ds for both kinds). Inverse direction (y in,
@@ -76,12 +85,12 @@ NFLUX_HOST_DEVICE Scale<T> eval_scale(T s, T clamp, T inv_clamp) {
 // gs = -dlog_ds * (gx * x + glad). The kernels write gx and gshift inline; gs is below.
 template <typename T>
 NFLUX_HOST_DEVICE T forward_grad_logit(const Scale<T>& sc, T x, T gy, T glad) {
-  return sc.dlog_ds * (gy * x * sc.scale + glad);
+  return sc.dlog_ds * (times_grad(gy * x, sc.scale) + glad);
 }
 
 template <typename T>
 NFLUX_HOST_DEVICE T inverse_grad_logit(const Scale<T>& sc, T x_out, T gx, T glad) {
-  return -sc.dlog_ds * (gx * x_out + glad);
+  return -sc.dlog_ds * (times_grad(gx, x_out) + glad);
 }
 
 }  // namespace coupling
