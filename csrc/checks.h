@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 
 namespace nflux {
@@ -46,12 +47,15 @@ inline int64_t check_rq_spline_args(const at::Tensor& inputs, const at::Tensor& 
               " bins but unnormalized_widths has ", K);
   TORCH_CHECK(derivatives.size(-1) == K - 1, "nflux: unnormalized_derivatives must have K-1 = ",
               K - 1, " entries in its last dimension, got ", derivatives.size(-1));
-  TORCH_CHECK(tail_bound > 0, "nflux: tail_bound must be positive, got ", tail_bound);
-  TORCH_CHECK(min_bin_width >= 0 && min_bin_width * K < 1, "nflux: min_bin_width * K must be in [0, 1), got ",
+  TORCH_CHECK(tail_bound > 0 && std::isfinite(tail_bound),
+              "nflux: tail_bound must be positive and finite, got ", tail_bound);
+  // A zero minimum lets a bin collapse to zero width or height: a 0/0 slope inside it.
+  TORCH_CHECK(min_bin_width > 0 && min_bin_width * K < 1, "nflux: min_bin_width * K must be in (0, 1), got ",
               min_bin_width, " * ", K);
-  TORCH_CHECK(min_bin_height >= 0 && min_bin_height * K < 1,
-              "nflux: min_bin_height * K must be in [0, 1), got ", min_bin_height, " * ", K);
-  TORCH_CHECK(min_derivative > 0, "nflux: min_derivative must be positive, got ", min_derivative);
+  TORCH_CHECK(min_bin_height > 0 && min_bin_height * K < 1,
+              "nflux: min_bin_height * K must be in (0, 1), got ", min_bin_height, " * ", K);
+  TORCH_CHECK(min_derivative > 0 && std::isfinite(min_derivative),
+              "nflux: min_derivative must be positive and finite, got ", min_derivative);
   return K;
 }
 
@@ -93,8 +97,8 @@ inline int64_t check_affine_coupling_args(const at::Tensor& x, const at::Tensor&
     TORCH_CHECK(logits->sizes() == x.sizes(), "nflux: scale_logits must have the shape of x ",
                 x.sizes(), ", got ", logits->sizes());
   }
-  TORCH_CHECK(!clamp.has_value() || *clamp > 0, "nflux: clamp must be positive, got ",
-              clamp.value_or(0.0));
+  TORCH_CHECK(!clamp.has_value() || (*clamp > 0 && std::isfinite(*clamp)),
+              "nflux: clamp must be positive and finite, got ", clamp.value_or(0.0));
   return scale_kind;
 }
 

@@ -213,6 +213,7 @@ def test_compile_fullgraph():
         (dict(x=torch.tensor(1.0), shift=torch.tensor(1.0)), "x must have a batch dimension"),
         (dict(scale="softplus"), "scale must be one of"),
         (dict(clamp=0.0), "clamp must be positive"),
+        (dict(clamp=float("inf")), "clamp must be positive and finite"),
     ],
 )
 def test_bad_inputs(kwargs, match):

@@ -180,6 +180,19 @@ def test_bad_inputs(field, value, match):
         nflux.ops.lu_conv1x1(**args)
 
 
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("field", ["actnorm_log_scale", "actnorm_bias"])
+def test_actnorm_arguments_are_named_in_errors(fold, field):
+    perm, lower, upper, log_scale, sign, b = params(4, dtype=torch.float32)
+    actnorm = dict(actnorm_log_scale=torch.zeros(4), actnorm_bias=torch.zeros(4))
+    actnorm[field] = actnorm[field].double()
+    with pytest.raises(ValueError, match=f"{field} has dtype torch.float64 but lower has dtype torch.float32"):
+        if fold:
+            nflux.ops.fold_actnorm(perm, lower, upper, log_scale, sign, b, **actnorm)
+        else:
+            nflux.ops.actnorm_lu_conv1x1(torch.randn(2, 4), perm, lower, upper, log_scale, sign, b, **actnorm)
+
+
 def test_native_op_rejects_bad_input_too():
     perm, lower, upper, log_scale, sign, b = params(4, dtype=torch.float32)
     with pytest.raises(RuntimeError, match=r"lower must have shape \[4, 4\]"):

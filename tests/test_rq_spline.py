@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import nflux
+from nflux import _extension
 from nflux.ops import reference
 from nflux.ops.reference import _spline_knots
 
@@ -534,6 +535,10 @@ def _bad_cases():
     yield "tail-bound-zero", (x, w, h, d), {"tail_bound": 0.0}, "tail_bound"
     yield "tail-bound-negative", (x, w, h, d), {"tail_bound": -1.0}, "tail_bound"
     yield "min-derivative", (x, w, h, d), {"min_derivative": 0.0}, "min_derivative"
+    yield "tail-bound-inf", (x, w, h, d), {"tail_bound": math.inf}, "tail_bound"
+    yield "min-bin-width-zero", (x, w, h, d), {"min_bin_width": 0.0}, "min_bin_width"
+    yield "min-bin-height-zero", (x, w, h, d), {"min_bin_height": 0.0}, "min_bin_height"
+    yield "min-derivative-inf", (x, w, h, d), {"min_derivative": math.inf}, "min_derivative"
 
 
 BAD = list(_bad_cases())
@@ -870,3 +875,14 @@ def test_every_cpu_isa_matches_reference(isa):
     env = {**os.environ, "NFLUX_CPU_ISA": isa}
     result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+@native
+def test_fallback_warning_names_the_dtype(monkeypatch, recwarn):
+    """Half types on CPU take the reference: the warning says the dtype is why, not the device
+    (which has kernels)."""
+    monkeypatch.setattr(_extension, "_warned", False)
+    x, w, h, d = (t.to(torch.bfloat16) for t in _good())
+    nflux.ops.rq_spline(x, w, h, d)
+    (warning,) = [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert "no native kernel for dtype torch.bfloat16 on 'cpu'" in str(warning.message)

@@ -53,13 +53,18 @@ def native(tensor: torch.Tensor, dtypes: dict | None = None) -> bool:
     return has_kernel(tensor.device) and tensor.dtype in allowed
 
 
-def warn_fallback(op: str, device: torch.device) -> None:
-    """Warns once per process that an op runs on the pure-torch reference."""
+def warn_fallback(op: str, tensor: torch.Tensor) -> None:
+    """Warns once per process that an op on `tensor` runs on the pure-torch reference, and why."""
     global _warned
     if _warned:
         return
     _warned = True
-    reason = load_error if not loaded else f"no native kernel for device '{device.type}'"
+    if not loaded:
+        reason = load_error
+    elif not has_kernel(tensor.device):
+        reason = f"no native kernel for device '{tensor.device.type}'"
+    else:
+        reason = f"no native kernel for dtype {tensor.dtype} on '{tensor.device.type}'"
     warnings.warn(
         f"nflux: {op} and other ops fall back to the pure-torch reference ({reason}); "
         "they are correct but slower.",

@@ -6,6 +6,8 @@ torch.compile and never synchronise with a device.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -66,13 +68,14 @@ def check_rq_spline_args(
             f"nflux: unnormalized_derivatives must have K-1 = {K - 1} entries in its last dimension, "
             f"got {derivatives.shape[-1]}"
         )
-    if not tail_bound > 0:
-        raise ValueError(f"nflux: tail_bound must be positive, got {tail_bound}")
+    if not 0 < tail_bound < math.inf:
+        raise ValueError(f"nflux: tail_bound must be positive and finite, got {tail_bound}")
+    # A zero minimum lets a bin collapse to zero width or height: a 0/0 slope inside it.
     for name, value in (("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)):
-        if not (0 <= value and value * K < 1):
-            raise ValueError(f"nflux: {name} * K must be in [0, 1), got {value} * {K}")
-    if not min_derivative > 0:
-        raise ValueError(f"nflux: min_derivative must be positive, got {min_derivative}")
+        if not (0 < value and value * K < 1):
+            raise ValueError(f"nflux: {name} * K must be in (0, 1), got {value} * {K}")
+    if not 0 < min_derivative < math.inf:
+        raise ValueError(f"nflux: min_derivative must be positive and finite, got {min_derivative}")
     return K
 
 
@@ -101,8 +104,8 @@ def check_affine_coupling_args(
             raise ValueError(f"nflux: {name} must have the shape of x {_shape(x)}, got {_shape(tensor)}")
     if scale not in SCALE_KINDS:
         raise ValueError(f"nflux: scale must be one of {sorted(SCALE_KINDS)}, got {scale!r}")
-    if clamp is not None and not clamp > 0:
-        raise ValueError(f"nflux: clamp must be positive or None, got {clamp}")
+    if clamp is not None and not 0 < clamp < math.inf:
+        raise ValueError(f"nflux: clamp must be positive and finite, or None, got {clamp}")
     return 0 if scale_logits is None else SCALE_KINDS[scale]
 
 

@@ -39,7 +39,7 @@ def affine_coupling(
         return torch.ops.nflux.affine_coupling(
             x, shift, scale_logits, kind, None if clamp is None else float(clamp), bool(inverse)
         )
-    _extension.warn_fallback("affine_coupling", x.device)
+    _extension.warn_fallback("affine_coupling", x)
     with _autocast.fallback_context(x):
         return reference.affine_coupling(x, shift, scale_logits, scale=scale, clamp=clamp, inverse=inverse)
 

@@ -10,7 +10,7 @@ import torch
 
 from nflux import _extension
 from nflux.ops import _autocast, reference
-from nflux.ops._checks import check_floating, check_like, check_lu_conv1x1_args
+from nflux.ops._checks import check_like, check_lu_conv1x1_args
 
 
 def lu_conv1x1(
@@ -51,7 +51,7 @@ def lu_conv1x1(
         return torch.ops.nflux.lu_conv1x1(
             x, perm, lower, upper, log_scale, sign, bias, bool(inverse), input_shift
         )
-    _extension.warn_fallback("lu_conv1x1", x.device)
+    _extension.warn_fallback("lu_conv1x1", x)
     with _autocast.fallback_context(x):
         return reference.lu_conv1x1(
             x, perm, lower, upper, log_scale, sign, bias, inverse=inverse, input_shift=input_shift
@@ -61,8 +61,9 @@ def lu_conv1x1(
 def _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias):
     """Checks ActNorm's [C] parameters and folds its scale into the LU factors: W diag(e^s)
     scales U's columns and adds s to log_scale. Returns (upper', log_scale')."""
-    check_floating(actnorm_log_scale, "actnorm_log_scale")
-    check_like(actnorm_bias, actnorm_log_scale, "actnorm_bias", "actnorm_log_scale")
+    # Checked against the conv's own factors, so a mismatch names the ActNorm argument.
+    check_like(actnorm_log_scale, lower, "actnorm_log_scale", "lower")
+    check_like(actnorm_bias, lower, "actnorm_bias", "lower")
     C = lower.shape[0]
     for name, t in (("actnorm_log_scale", actnorm_log_scale), ("actnorm_bias", actnorm_bias)):
         if tuple(t.shape) != (C,):
@@ -91,6 +92,7 @@ def actnorm_lu_conv1x1(
     [C, C] weight is built outside the op. logabsdet includes ActNorm's; `inverse=True` undoes
     both (x = a^-1(W^-1 (y - bias))).
     """
+    check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
     folded_upper, folded_log_scale = _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias)
     return lu_conv1x1(
         x, perm, lower, folded_upper, folded_log_scale, sign, bias, inverse=inverse, input_shift=actnorm_bias

@@ -81,7 +81,7 @@ def made_inverse(
     )
     if _extension.native(y, _NATIVE_DTYPES):
         return torch.ops.nflux.made_inverse(*args)
-    _extension.warn_fallback("made_inverse", y.device)
+    _extension.warn_fallback("made_inverse", y)
     with _autocast.fallback_context(y):
         return reference.made_inverse(*args)
 

@@ -55,7 +55,7 @@ def masked_linear(
         return reference.masked_product(input, weight, bias, mask)
     if _extension.native(input, _NATIVE_DTYPES):
         return torch.ops.nflux.masked_linear(input, weight, bias, mask, blocks)
-    _extension.warn_fallback("masked_linear", input.device)
+    _extension.warn_fallback("masked_linear", input)
     return reference.masked_linear(input, weight, bias, mask)
 
 

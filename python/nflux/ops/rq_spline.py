@@ -63,7 +63,7 @@ def rq_spline(
             float(min_bin_height),
             float(min_derivative),
         )
-    _extension.warn_fallback("rq_spline", inputs.device)
+    _extension.warn_fallback("rq_spline", inputs)
     with _autocast.fallback_context(inputs):
         return reference.rq_spline(
             inputs,
