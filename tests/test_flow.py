@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pytest
 import torch
 
 import nflux
@@ -109,3 +111,78 @@ def test_torch_distribution_base():
     x = torch.randn(4, D, dtype=torch.float64)
     torch.testing.assert_close(flow.log_prob(x), base.log_prob(x.flip(-1)))
     assert flow.sample((5,)).shape == (5, D)
+
+
+def test_distribution_expand():
+    """pyro's plates expand a distribution: a conditional flow's context broadcasts, an
+    unconditional flow draws independently over the new batch dims."""
+    torch.manual_seed(0)
+    c = torch.randn(4, C, dtype=torch.float64)
+    conditional = _flow(C).dist(c).expand((5, 4))
+    assert conditional.batch_shape == (5, 4) and conditional.sample((2,)).shape == (2, 5, 4, D)
+    x = torch.randn(5, 4, D, dtype=torch.float64)
+    torch.testing.assert_close(conditional.log_prob(x), _flow(C).log_prob(x, c))
+    plain = _flow().dist().expand((6,))
+    draws = plain.sample((2,))
+    assert draws.shape == (2, 6, D) and not torch.equal(draws[:, 0], draws[:, 1])
+    one = torch.randn(D, dtype=torch.float64)
+    assert plain.log_prob(one).shape == (6,)  # a value broadcasts against the batch
+    torch.testing.assert_close(plain.log_prob(one), _flow().log_prob(one).expand(6))
+    with pytest.raises(ValueError, match="cannot expand"):
+        plain.expand((6,)).expand((3,))
+
+
+def test_distribution_validation_follows_torch_default():
+    bad = torch.tensor([0.0, float("nan"), 1.0], dtype=torch.float64)
+    assert torch.isnan(_flow().dist(validate_args=False).log_prob(bad))
+    previous = torch.distributions.Distribution._validate_args
+    try:
+        for default in (False, True):
+            torch.distributions.Distribution.set_default_validate_args(default)
+            if default:
+                with pytest.raises(ValueError, match="support"):
+                    _flow().dist().log_prob(bad)
+            else:
+                assert torch.isnan(_flow().dist().log_prob(bad))
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(previous)
+
+
+def test_sample_shape_int_and_integral_features():
+    flow = _flow()
+    assert flow.sample(7).shape == (7, D)
+    assert flow.rsample_and_log_prob(2)[1].shape == (2,)
+    assert nflux.Flow(T.ReversePermutation(D), np.int64(D)).sample(3).shape == (3, D)
+
+
+@pytest.mark.parametrize("model", [nflux.RealNVP, nflux.MAF, nflux.NSF, nflux.Glow])
+def test_context_is_checked_against_the_model(model):
+    flow = model(D, context=C, layers=1, hidden=(8,))
+    x = torch.randn(5, D)
+    with pytest.raises(ValueError, match=rf"expected a context \[\.\.\., {C}\], got \[5, 3\]"):
+        flow.log_prob(x, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="needs a context"):
+        flow.sample((2,))
+    with pytest.raises(ValueError, match="built without context"):
+        model(D, layers=1, hidden=(8,)).log_prob(x, torch.randn(5, C))
+
+
+def test_nsf_residual_needs_autoregressive():
+    with pytest.raises(ValueError, match="autoregressive=True"):
+        nflux.NSF(D, residual=True)
+    assert nflux.NSF(D, residual=True, autoregressive=True, layers=1).config["residual"] is True
+
+
+def test_actnorm_init_on_a_broadcast_point_keeps_unit_scale():
+    """One point scored against many contexts reaches ActNorm as identical rows: their std is 0,
+    which must not become a permanent scale of 1/eps."""
+    flow = nflux.MAF(2, context=1, layers=1, hidden=(8,))
+    lp = flow.log_prob(torch.tensor([0.5, -1.0]), torch.randn(100, 1))
+    actnorm = flow.transforms[0]
+    torch.testing.assert_close(actnorm.s0, torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(actnorm.b0, torch.tensor([-0.5, 1.0]))
+    assert (lp < 0).all()  # a unit-scale Gaussian-ish density, not +25 nats from a 1e6 scale
+    constant = T.ActNorm(3)
+    y, _ = constant(torch.cat([torch.randn(50, 2), torch.full((50, 1), 4.0)], 1))
+    torch.testing.assert_close(constant.s0[2], torch.tensor(0.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y[:, 2], torch.zeros(50))

@@ -194,9 +194,10 @@ class Flow(nn.Module):
         with torch.no_grad():
             return self._draw(sample_shape, context)[0]
 
-    def dist(self, context: torch.Tensor | None = None) -> "FlowDistribution":
-        """This flow (conditioned on `context`) as a `torch.distributions.Distribution`."""
-        return FlowDistribution(self, context)
+    def dist(self, context: torch.Tensor | None = None, validate_args: bool | None = None) -> "FlowDistribution":
+        """This flow (conditioned on `context`) as a `torch.distributions.Distribution`;
+        `validate_args` as in torch (None: torch's default)."""
+        return FlowDistribution(self, context, validate_args=validate_args)
 
 
 class FlowDistribution(Distribution):
@@ -206,8 +207,10 @@ class FlowDistribution(Distribution):
     `sample`/`rsample(sample_shape)` give `[*sample_shape, *batch_shape, D]`. `expand` (pyro's
     plates, `expand_by`) broadcasts the context, or for an unconditional flow draws independent
     samples over the new batch shape. `validate_args` follows torch's default
-    (`Distribution.set_default_validate_args`): with it, `log_prob` rejects a value that is not
-    a real vector of D features.
+    (`Distribution.set_default_validate_args`, on unless Python runs with -O), as every torch
+    distribution does: `log_prob` then rejects a value that is not a real vector of D features,
+    at the cost of one check (and, on a GPU, one synchronisation) per call;
+    `flow.dist(context, validate_args=False)` skips it.
     """
 
     arg_constraints: dict = {}
@@ -222,7 +225,11 @@ class FlowDistribution(Distribution):
 
     def expand(self, batch_shape, _instance=None) -> "FlowDistribution":
         batch_shape = torch.Size(batch_shape)
-        if torch.broadcast_shapes(batch_shape, self.batch_shape) != batch_shape:
+        try:
+            expandable = torch.broadcast_shapes(batch_shape, self.batch_shape) == batch_shape
+        except RuntimeError:
+            expandable = False
+        if not expandable:
             raise ValueError(f"nflux: cannot expand batch shape {tuple(self.batch_shape)} to {tuple(batch_shape)}")
         context = None if self.context is None else self.context.expand(*batch_shape, self.context.shape[-1])
         return FlowDistribution(self.flow, context, batch_shape, validate_args=self._validate_args)

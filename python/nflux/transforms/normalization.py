@@ -9,7 +9,9 @@ it also runs inside `torch.compile(fullgraph=True)`. In eval mode, or after the 
 batch, the layer is a plain elementwise affine map: a Python mirror of `initialized` (set by
 that batch, and by `load_state_dict` from the loaded buffer) skips the batch statistics, which
 would otherwise be computed on every training step only to be discarded. An ActNorm that never
-saw a training batch is the identity.
+saw a training batch is the identity. Only the density direction (`forward`) initialises:
+sampling first leaves the layer at the identity until the first training-mode `log_prob`,
+which then moves it, so sample after that call (or in eval mode) when the two must agree.
 """
 
 from __future__ import annotations
@@ -61,10 +63,12 @@ class ActNorm(Transform):
             self._initialized = bool(saved)  # one read when loading, none per step
 
     def _batch_stats(self, x: torch.Tensor):
-        """Per-feature mean and standard deviation of a batch (std 1 for a single row)."""
+        """Per-feature mean and standard deviation of a batch. A feature constant over the batch
+        (every feature of a single row, or of one point broadcast against many contexts) gets
+        std 1: dividing by eps would scale it by 1e6 for good."""
         mean = x.mean(0)
         std = x.std(0, correction=0) if x.shape[0] > 1 else torch.ones_like(mean)
-        return mean, std
+        return mean, torch.where(std > 0, std, torch.ones_like(std))
 
     def forward(self, x, context=None):
         b0, s0 = self._offsets(x)
