@@ -200,3 +200,33 @@ def test_torch_compile_fullgraph():
 
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(sample, fullgraph=True)(y, c), sample(y, c))
+
+
+@pytest.mark.parametrize("batched_network", [False, True])
+def test_vmap_matches_loop(batched_network):
+    """vmap: vmapped rows join the batch (shared network), or one call per index (vmapped
+    weights); MAF sampling and IAF density under torch.func.vmap need it."""
+    made = _made(D=3, hidden=(6,), transformer="affine", context=True, dtype=torch.float64)
+    y, weights, biases, degrees, _ = _args(made, torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    ys, cs = torch.randn(5, 4, 3, dtype=torch.float64), torch.randn(5, 4, 3, dtype=torch.float64)
+    kw = _kw(made, "affine")
+    scale = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
+
+    def one(y, c, s):
+        ws = [w.detach() * (s if batched_network else 1) for w in weights]
+        return nflux.ops.made_inverse(y, ws, [b.detach() for b in biases], degrees,
+                                      [t.detach() for t in made.context_terms(c, y.shape[0])], **kw)
+
+    got = torch.func.vmap(one)(ys, cs, scale)
+    want = [torch.stack(t) for t in zip(*(one(ys[i], cs[i], scale[i]) for i in range(5)))]
+    torch.testing.assert_close(got, tuple(want))
+
+
+def test_forward_mode_is_refused():
+    """No forward-mode rule: torch.func.jvp would return zero tangents, so the op refuses."""
+    made = _made(D=3, hidden=(6,), transformer="affine", dtype=torch.float64)
+    y, weights, biases, degrees, _ = _args(made, torch.randn(2, 3, dtype=torch.float64))
+    weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(lambda y: nflux.ops.made_inverse(y, weights, biases, degrees, **_kw(made, "affine"))[0],
+                       (y,), (torch.ones_like(y),))

@@ -60,6 +60,7 @@ def made_inverse(
         `(x, logabsdet)`: x `[B, D]` and log|det dx/dy| `[B]`. Differentiable in y, the
         weights, biases and context terms.
     """
+    _refuse_forward_mode()
     if _autocast.enabled(y):
         y, weights, biases, context_terms = _autocast.to_float32_or_wider(
             y, list(weights), list(biases), list(context_terms)
@@ -84,6 +85,46 @@ def made_inverse(
     _extension.warn_fallback("made_inverse", y)
     with _autocast.fallback_context(y):
         return reference.made_inverse(*args)
+
+
+def _refuse_forward_mode() -> None:
+    """The op's autograd has no forward-mode rule, and under torch.func.jvp / jacfwd torch would
+    hand back zero tangents rather than fail: refuse, as the C++-autograd ops do. (Not while
+    torch.compile traces: dynamo cannot trace the interpreter stack, and compiles no jvp.)"""
+    if torch.compiler.is_compiling():
+        return
+    stack = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)()
+    if stack and any(level.key() == torch._C._functorch.TransformType.Jvp for level in stack):
+        raise NotImplementedError(
+            "nflux: made_inverse has no forward-mode derivative (torch.func.jvp, jacfwd); use reverse "
+            "mode (torch.func.vjp, jacrev, torch.autograd)"
+        )
+
+
+def _vmap(info, in_dims, y, weights, biases, degrees, context_terms, *options):
+    """vmap rule: the vmapped rows join the batch, so one call serves them all, while the
+    network is shared; a vmapped network (per-index weights) takes one call per index."""
+    n = info.batch_size
+    y_dim, w_dims, b_dims, _, c_dims = in_dims[:5]
+
+    def front(t, dim):
+        return t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+
+    if any(d is not None for d in (*w_dims, *b_dims)):
+        outs = [
+            torch.ops.nflux.made_inverse(
+                front(y, y_dim)[i], [front(w, d)[i] for w, d in zip(weights, w_dims)],
+                [front(b, d)[i] for b, d in zip(biases, b_dims)], degrees,
+                [front(t, d)[i] for t, d in zip(context_terms, c_dims)], *options)
+            for i in range(n)
+        ]
+        return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+    rows = front(y, y_dim)
+    flat = lambda t, d: front(t, d).reshape(-1, t.shape[-1])  # noqa: E731
+    x, lad = torch.ops.nflux.made_inverse(
+        rows.reshape(-1, rows.shape[-1]), weights, biases, degrees,
+        [flat(t, d) for t, d in zip(context_terms, c_dims)], *options)
+    return (x.view(rows.shape), lad.view(rows.shape[:-1])), (0, 0)
 
 
 def _setup_context(ctx, inputs, output):
@@ -146,6 +187,7 @@ if _extension.loaded:
     torch.library.register_fake("nflux::made_inverse")(_fake)
     torch.library.register_fake("nflux::made_inverse_backward")(_fake_backward)
     torch.library.register_autograd("nflux::made_inverse", _backward, setup_context=_setup_context)
+    torch.library.register_vmap("nflux::made_inverse", _vmap)
 
 
 def autoregressive_transformer(

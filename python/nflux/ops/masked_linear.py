@@ -125,7 +125,22 @@ def _fake_backward(grad_output, input, weight, mask, blocks=()):
     return input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
 
 
+def _vmap(info, in_dims, input, weight, bias, mask, blocks=()):
+    """vmap rule: a vmapped input is one more leading dim (the op takes `[..., in]`); a vmapped
+    weight, bias or mask takes one call per index."""
+    in_dim, *param_dims = in_dims[:4]
+    op = torch.ops.nflux.masked_linear
+    if all(d is None for d in param_dims):
+        x = input.expand(info.batch_size, *input.shape) if in_dim is None else input.movedim(in_dim, 0)
+        return op(x, weight, bias, mask, blocks), 0
+    pick = lambda t, d, i: t if t is None or d is None else t.select(d, i)  # noqa: E731
+    outs = [op(pick(input, in_dim, i), *(pick(t, d, i) for t, d in zip((weight, bias, mask), param_dims)), blocks)
+            for i in range(info.batch_size)]
+    return torch.stack(outs), 0
+
+
 if _extension.loaded:
+    torch.library.register_vmap("nflux::masked_linear", _vmap)
     torch.library.register_fake("nflux::masked_linear")(_fake)
     torch.library.register_fake("nflux::masked_linear_backward")(_fake_backward)
     # Its autograd kernel is C++ (csrc/masked_linear_autograd.cpp): no Python per call.
