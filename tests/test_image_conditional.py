@@ -199,3 +199,5 @@ def test_conditional_dist_batch_shape_with_labels():
     x = d.sample((5,))
     assert x.shape == (5, 2, 1, 4, 4)
     torch.testing.assert_close(d.log_prob(x), flow.log_prob(x, torch.tensor([0, 2])))
+    e = d.expand((3, 2))
+    assert e.batch_shape == (3, 2) and e.event_shape == (1, 4, 4) and e.sample().shape == (3, 2, 1, 4, 4)

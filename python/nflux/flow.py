@@ -232,7 +232,9 @@ class FlowDistribution(Distribution):
         if not expandable:
             raise ValueError(f"nflux: cannot expand batch shape {tuple(self.batch_shape)} to {tuple(batch_shape)}")
         context = None if self.context is None else self.context.expand(*batch_shape, self.context.shape[-1])
-        return FlowDistribution(self.flow, context, batch_shape, validate_args=self._validate_args)
+        expanded = FlowDistribution(self.flow, context, batch_shape, validate_args=self._validate_args)
+        expanded._event_shape = self._event_shape  # an image flow's (C, H, W)
+        return expanded
 
     def _full(self, sample_shape) -> torch.Size:
         """What the flow must draw: the sample shape, then the batch dims the context lacks."""
