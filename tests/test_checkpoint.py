@@ -201,6 +201,18 @@ def test_mismatch_raises_checkpoint_error_naming_key(tmp_path):
     assert torch.equal(lin.weight, before)  # nothing changed on a failed restore
 
 
+def test_mismatch_against_a_different_model_is_short(tmp_path):
+    big = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(60)])
+    save_checkpoint(tmp_path, 1, big, None, capture_rng_state())
+    other = torch.nn.Module()
+    other.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(60))
+    # Three names of each kind, not all 240 (about 5,000 characters).
+    with pytest.raises(CheckpointError, match=r"different model.*: 120 missing keys \['layers.0.weight', "
+                                              r"'layers.0.bias', 'layers.1.weight'\] \.\.\.; 120 unexpected keys") as e:
+        restore(load_latest(tmp_path), other, rng=False)
+    assert len(str(e.value)) < 300
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="step"):
         save_checkpoint("unused", -1, {})

@@ -51,6 +51,8 @@ def test_train_writes_all_files(run):
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) and r["steps_per_s"] > 0 for r in rows)
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == "nsf" and len(config["standardizer"]["mean"]) == 2
+    # best.safetensors is written like the other run files (it used to be 0600).
+    assert (run / "best.safetensors").stat().st_mode & 0o777 == (run / "config.json").stat().st_mode & 0o777
 
 
 def test_eval_reproduces_test_nll(run):
@@ -87,14 +89,16 @@ def test_bf16_on_a_cpu_without_bf16_units_says_so(monkeypatch, tmp_path, capsys)
     assert "no bfloat16 units" in capsys.readouterr().err
 
 
-def test_sample_npy_and_png(run, tmp_path):
+def test_sample_npy_and_png(run, tmp_path, capsys):
     assert main(["sample", str(run), "-n", "300", "--out", str(tmp_path / "s.npy")]) == 0
     x = np.load(tmp_path / "s.npy")
-    assert x.shape == (300, 2) and np.isfinite(x).all()
+    assert x.shape == (300, 2) and x.dtype == np.float32 and np.isfinite(x).all()
     # Data units: moons live roughly in [-1.5, 2.5] x [-1, 1.5], not standardised.
     assert abs(x.mean(0)[0] - 0.5) < 1.0
+    capsys.readouterr()
     assert main(["sample", str(run), "-n", "200", "--temperature", "0.5", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
+    assert "wrote a plot of 200 samples" in capsys.readouterr().out
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -175,7 +179,10 @@ def test_mismatched_checkpoint_exits_2(run, tmp_path, capsys):
 def test_datasets_and_info(capsys):
     assert main(["datasets"]) == 0
     out = capsys.readouterr().out
-    assert "moons" in out and "iris" in out
+    assert "moons" in out and "iris" in out and "folder of PNG/JPEG images" in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "folder of PNG/JPEG images" in " ".join(capsys.readouterr().out.split())  # --data's help
     assert main(["info"]) == 0
     assert "version" in capsys.readouterr().out
 
@@ -198,7 +205,8 @@ def test_resume_errors_exit_2(run, tmp_path, capsys):
     code = _main(["train", "realnvp", "--out", str(copy), "--resume", "--quiet"])
     err = capsys.readouterr().err
     _one_line_error(code, err)
-    assert "does not match" in err
+    # Names both models, in a short line (it used to list ~1300 characters of parameter names).
+    assert "does not match" in err and "made by nsf" in err and "builds realnvp" in err and len(err) < 400, err
     # Existing checkpoints without --resume: refuse to overwrite.
     code = _main(["train", "nsf", "--data", "moons", "--out", str(copy), "--quiet"])
     err = capsys.readouterr().err
@@ -231,3 +239,93 @@ def test_trainer_adam_matches_the_default_loop(channels_last):
             o.step()
     for a, b in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _strict_json(text):
+    def refuse(name):
+        raise AssertionError(f"bare {name} in JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_validation_is_never_the_best_and_json_stays_strict(monkeypatch, tmp_path, capsys):
+    from nflux.training import trainer
+
+    real, calls = trainer.nll_sum, []
+
+    def nll(model, inputs, batch, nan_calls):
+        calls.append(1)
+        return float("nan") if len(calls) in nan_calls else real(model, inputs, batch)
+
+    config = {"model": "nice", "data": "moons", "steps": 30, "batch": 32, "layers": 1, "hidden": [8],
+              "val_every": 10, "patience": 2, "plot_samples": 0}
+    # A NaN first validation: the finite ones after it must become the best (a NaN best
+    # used to win every comparison: best_step 10, and patience 2 stopped the run at step 30).
+    monkeypatch.setattr(trainer, "nll_sum", lambda *a: nll(*a, nan_calls={1}))
+    m = trainer.train({**config, "out": str(tmp_path / "a")}, quiet=True)
+    assert m["steps"] == 30 and not m["stopped_early"] and m["best_step"] in (20, 30)
+    assert math.isfinite(m["best_val_nll_nats"]) and (tmp_path / "a" / "best.safetensors").is_file()
+    rows = [_strict_json(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 10 and rows[0]["val_loss"] is None and all(r["val_loss"] for r in rows[1:])
+    # Only NaN: no best, and null (not NaN) in metrics.json; patience counts the NaNs.
+    calls.clear()
+    monkeypatch.setattr(trainer, "nll_sum", lambda *a: nll(*a, nan_calls=range(1, 100)))
+    m = trainer.train({**config, "out": str(tmp_path / "b")})
+    assert "no finite validation NLL" in capsys.readouterr().out
+    assert m["stopped_early"] and m["steps"] == 20 and not (tmp_path / "b" / "best.safetensors").exists()
+    stored = _strict_json((tmp_path / "b" / "metrics.json").read_text())
+    assert stored["test_nll_nats"] is None and stored["best_val_nll_nats"] is None
+    assert (tmp_path / "b" / "loss.png").is_file()
+    monkeypatch.undo()
+    assert main(["eval", str(tmp_path / "b")]) == 0  # the last weights; readers take the nulls
+    assert math.isfinite(_strict_json((tmp_path / "b" / "eval.json").read_text())["test_nll_nats"])
+    assert main(["train", "--out", str(tmp_path / "b"), "--steps", "40", "--patience", "0", "--resume",
+                 "--quiet"]) == 0
+
+
+def test_resume_without_out_finds_the_run(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    np.save("my data.npy", np.random.default_rng(0).normal(size=(200, 2)))
+    args = ["train", "nice", "--data", "my data.npy", "--steps", "20", *TINY]
+    assert main([*args, "--stop-after", "10"]) == 0
+    assert main([*args, "--resume"]) == 0
+    # One run folder (the resume used to start afresh in runs/nice-my data.npy).
+    assert os.listdir("runs") == ["nice-my_data.npy"]
+    assert json.loads((tmp_path / "runs/nice-my_data.npy/metrics.json").read_text())["steps"] == 20
+
+
+def test_bad_compile_backend_exits_2_before_writing(tmp_path, capsys):
+    (tmp_path / "c.json").write_text('{"compile": "false"}')
+    for argv, needle in [(["--compile", "nosuch"], "unknown torch.compile backend 'nosuch'"),
+                         (["--config", str(tmp_path / "c.json")], "write false without quotes")]:
+        code = _main(["train", "nice", "--out", str(tmp_path / "r"), "--quiet", *argv])
+        err = capsys.readouterr().err
+        _one_line_error(code, err)
+        assert needle in err and "inductor" in err, err
+        assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+@pytest.mark.parametrize("device, needle", [("foo", "device must be cpu or cuda"), ("cuda:99", "CUDA device")])
+def test_eval_and_sample_check_the_device(run, command, device, needle, capsys):
+    code = _main([command, str(run), "--device", device])
+    err = capsys.readouterr().err
+    _one_line_error(code, err)
+    assert needle in err, err
+
+
+def test_path_and_model_errors_say_what_is_wrong(run, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    np.save(tmp_path / "one.npy", np.zeros((20, 1)))
+    for argv, needle in [
+        (["train", "nice", "--out", str(tmp_path / "file")], "file' is a file, not a directory"),
+        (["train", "nice", "--out", str(tmp_path / "file" / "sub")], "file' is a file, not a directory"),
+        (["sample", str(run), "--out", str(tmp_path / "file" / "x.npy")], "file' is a file, not a directory"),
+        (["train", "nice", "--config", str(tmp_path)], "is a directory"),
+        # A model's own ValueError ("nflux: ...") gets one prefix, not "nflux: error: nflux: ".
+        (["train", "realnvp", "--data", str(tmp_path / "one.npy"), "--out", str(tmp_path / "r")],
+         "nflux: error: coupling models need features >= 2"),
+    ]:
+        code = _main(argv + ["--quiet"] if argv[0] == "train" else argv)
+        err = capsys.readouterr().err
+        _one_line_error(code, err)
+        assert needle in err, (argv, err)

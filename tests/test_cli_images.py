@@ -70,18 +70,21 @@ def test_eval_reproduces_image_metrics(run, capsys):
     assert result["test_bits_per_dim"] == pytest.approx(stored["test_bits_per_dim"], abs=1e-9)
 
 
-def test_sample_images_with_temperature(run, tmp_path):
+def test_sample_images_with_temperature(run, tmp_path, capsys):
     spread = {}
     for t in ("1.0", "0.1"):
         path = tmp_path / f"s{t}.npy"
         assert main(["sample", str(run), "-n", "64", "--temperature", t, "--out", str(path)]) == 0
         x = np.load(path)
-        assert x.shape == (64, 1, 8, 8)
+        assert x.shape == (64, 1, 8, 8) and x.dtype == np.uint8  # integer levels, not float64
         assert np.array_equal(x, np.round(x)) and x.min() >= 0 and x.max() <= 16  # integer levels
         spread[t] = x.std(axis=0).mean()
     assert spread["0.1"] < 0.5 * spread["1.0"]  # a colder base sample concentrates the images
     assert main(["sample", str(run), "-n", "16", "--temperature", "0.7", "--out", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "-n", "100", "--out", str(tmp_path / "g.png")]) == 0
+    assert "wrote a grid of the first 64 of 100 samples" in capsys.readouterr().out  # not "wrote 100"
 
 
 def test_image_resume_equals_uninterrupted(tmp_path):
@@ -107,3 +110,24 @@ def test_image_config_errors_exit_2(argv, needle, tmp_path, capsys):
     code = main(argv + ["--out", str(tmp_path / "r"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("nflux: error: ") and needle in err, err
+
+
+def test_two_channel_images_train_and_plot(tmp_path):
+    # Two channels are plotted side by side (the grid used to crash after training, leaving
+    # no samples.png or loss.png).
+    x = np.random.default_rng(0).integers(0, 256, size=(40, 2, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "two.npy", x)
+    out = tmp_path / "run"
+    assert main(["train", "glow", "--data", str(tmp_path / "two.npy"), "--scales", "1", "--layers", "1", "--hidden",
+                 "8", "--batch", "8", "--steps", "4", "--val-every", "2", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["dataset"]["shape"] == [2, 8, 8]
+    for name in ("metrics.json", "samples.png", "loss.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert main(["sample", str(out), "-n", "8", "--out", str(tmp_path / "s.png")]) == 0
+
+
+def test_float_image_npy_says_to_save_integers(tmp_path, capsys):
+    np.save(tmp_path / "f.npy", np.random.default_rng(0).random((20, 1, 4, 4)))
+    code = main(["train", "glow", "--data", str(tmp_path / "f.npy"), "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "save the images as integers, uint8 (0..255)" in err, err

@@ -222,6 +222,48 @@ def test_image_folder(tmp_path):
         data.load(str(tmp_path))
 
 
+def test_image_folder_16_bit_greyscale_keeps_its_depth(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 65536, size=(5, 6, 4), dtype=np.uint16)
+    for i, a in enumerate(images):
+        Image.fromarray(a).save(tmp_path / f"{i}.png")  # a 16-bit greyscale PNG
+    s = data.load(str(tmp_path))
+    assert s.shape == (1, 6, 4) and s.meta["levels"] == 65536
+    # Every value as saved (convert("L") clipped them all to 255: near-white images).
+    assert _rows(torch.cat([s.train, s.val, s.test]).flatten(1)) == _rows(torch.from_numpy(images.reshape(5, -1)))
+    Image.fromarray(rng.integers(0, 256, size=(6, 4), dtype=np.uint8), "L").save(tmp_path / "eight.png")
+    with pytest.raises(DatasetError, match="one bit depth"):
+        data.load(str(tmp_path))
+
+
+def test_image_folder_greyscale_with_alpha_is_one_channel(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    grey = np.random.default_rng(0).integers(0, 256, size=(3, 5, 4), dtype=np.uint8)
+    for i, g in enumerate(grey):
+        Image.fromarray(np.stack([g, np.full_like(g, 7)], -1), "LA").save(tmp_path / f"{i}.png")
+    s = data.load(str(tmp_path))
+    assert s.shape == (1, 5, 4) and s.meta["levels"] == 256  # the alpha dropped, as for RGBA
+    assert _rows(torch.cat([s.train, s.val, s.test]).flatten(1)) == _rows(torch.from_numpy(grey.reshape(3, -1)))
+
+
+def test_user_csv_header_after_blank_lines(tmp_path):
+    (tmp_path / "b.csv").write_text("\n  \na,b\n1,2\n3,4\n\n5,6\n")
+    s = data.load(str(tmp_path / "b.csv"), dtype=torch.float64)
+    assert _rows(torch.cat([s.train, s.val, s.test])) == [(1, 2), (3, 4), (5, 6)]
+
+
+def test_user_npy_dtypes(tmp_path):
+    np.save(tmp_path / "c.npy", np.ones((5, 2)) + 1j)
+    with pytest.raises(DatasetError, match="complex"):
+        data.load(str(tmp_path / "c.npy"))
+    rng = np.random.default_rng(0)
+    for dtype, high, levels in [(np.int64, 256, 256), (np.uint16, 65536, 65536), (np.bool_, 2, 2),
+                                (np.int64, 300, None), (np.float32, 256, None)]:
+        np.save(tmp_path / "i.npy", rng.integers(0, high, size=(6, 1, 4, 4)).astype(dtype))
+        assert data.load(str(tmp_path / "i.npy")).meta.get("levels") == levels, (dtype, high)
+
+
 def test_image_folder_without_pillow(tmp_path, monkeypatch):
     (tmp_path / "x.png").write_bytes(b"\x89PNG")
     monkeypatch.setitem(sys.modules, "PIL", None)

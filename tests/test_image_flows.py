@@ -228,3 +228,34 @@ def test_state_dict_and_dist():
     d = flow.dist()
     assert d.event_shape == (1, 4, 4) and d.sample((3,)).shape == (3, 1, 4, 4)
     torch.testing.assert_close(d.log_prob(x), flow.log_prob(x))
+
+
+@pytest.mark.parametrize("dequantization", ["uniform", "variational"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_integer_typed_images_equal_float_ones(dequantization, dtype):
+    flow = nflux.Glow.image((1, 4, 4), levels=1, steps=1, hidden=8, dequantization=dequantization).double()
+    x = torch.randint(0, 256, (3, 1, 4, 4))
+    torch.manual_seed(0)
+    got = flow.bits_per_dim(x.to(dtype))
+    torch.manual_seed(0)
+    want = flow.bits_per_dim(x.double())  # in the flow's dtype, float64 here
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    y = flow.dequantize(x.to(dtype))
+    assert y.dtype == torch.float64 and torch.equal(flow.quantize(y), x.double())
+    assert Dequantize(256)(x.to(dtype)).dtype == torch.get_default_dtype()
+
+
+@pytest.mark.parametrize("cls", [nflux.RealNVP, nflux.Glow])
+def test_image_constructor_arguments_are_checked(cls):
+    name = cls.__name__
+    for kwargs, needle in [({"levels": 0}, "levels must be an int >= 1, got 0"),
+                           ({"levels": -2}, "levels must be an int >= 1, got -2"),
+                           ({"hidden": 0}, "hidden must be an int >= 1"),
+                           ({"num_classes": 0}, "num_classes must be an int >= 1"),
+                           ({"num_classes": 3, "context": 4}, "not both")]:
+        with pytest.raises(ValueError, match=f"^nflux: .*{needle}"):
+            cls.image((1, 4, 4), **{"levels": 1, **kwargs})
+    with pytest.raises(ValueError, match=rf"^nflux: {name}.image shape must be \(C, H, W\) of positive ints"):
+        cls.image((0, 4, 4), levels=1)
+    assert cls.image(torch.Size([1, 4, 4]), levels=1, num_classes=3).context_features == 3

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,8 +23,9 @@ examples:
   nflux train glow --data digits --precision bf16   # conditioner networks in bfloat16 (AMX, GPUs)
   torchrun --nproc_per_node=2 -m nflux train nsf --data moons --out runs/ddp   # 2 processes, DDP
   nflux eval runs/nsf-moons                    # test NLL (nats, data units) of the best weights
-  nflux sample runs/nsf-moons -n 5000 --out s.npy   # .npy (data units) or .png
+  nflux sample runs/nsf-moons -n 5000 --out s.npy   # .npy (float32 data units; images: integer levels) or .png
   nflux sample runs/nsf-moons -n 2000 --temperature 0.8 --out s.png
+  nflux train glow --data path/to/pngs         # a folder of PNG/JPEG images (8-bit, or 16-bit greyscale)
   nflux datasets                               # registered data sets
   nflux info                                   # version, compiled kernels, CUDA
 
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help=f"one of {', '.join(MODELS)} (default {DEFAULTS['model']})")
-    t.add_argument("--data", help=f"data set name or .npy/.csv path (default {DEFAULTS['data']})")
+    t.add_argument("--data", help="data set name (see `nflux datasets`), a .npy/.csv file, or a folder of "
+                                  f"PNG/JPEG images (default {DEFAULTS['data']})")
     t.add_argument("--data-root", dest="data_root", help="directory of the UCI benchmark files")
     vec, img = KIND_DEFAULTS["vector"], KIND_DEFAULTS["image"]
     t.add_argument("--steps", type=_positive_int,
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("dir", metavar="DIR", help="run directory")
     s.add_argument("-n", type=_positive_int, default=1000, help="number of samples (default 1000)")
-    s.add_argument("--out", help="output .npy (data units) or .png (default DIR/samples-N.npy)")
+    s.add_argument("--out", help="output .npy (float32 data units; images: integer levels, uint8 when they fit) "
+                                 "or .png (images: a grid of the first 64) (default DIR/samples-N.npy)")
     s.add_argument("--temperature", type=_positive_float, default=1.0,
                    help="scale of the base sample's std (default 1.0)")
     s.add_argument("--seed", type=_nonneg_int, default=0)
@@ -145,12 +147,14 @@ _TRAIN_KEYS = ("data", "data_root", "steps", "batch", "lr", "layers", "hidden", 
 
 
 def _cmd_train(args) -> int:
-    from nflux.training.config import ConfigError
+    from nflux.training.config import DEFAULTS, ConfigError, default_out
     from nflux.training.trainer import train
 
     config: dict = {}
     if args.config:
         path = Path(args.config)
+        if path.is_dir():
+            raise IsADirectoryError(f"--config {path} is a directory; give a JSON file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
         try:
@@ -165,10 +169,9 @@ def _cmd_train(args) -> int:
     if args.resume:
         # The run's own config, then the config file, then the flags.
         out = cli.get("out") or config.get("out")
-        if out is None:
-            model = cli.get("model", config.get("model", "nsf")).lower()
-            data = cli.get("data", config.get("data", "moons"))
-            out = os.path.join("runs", f"{model}-{os.path.basename(os.path.normpath(str(data)))}")
+        if out is None:  # the folder a run without --out writes to (make_config)
+            out = default_out(cli.get("model", config.get("model", DEFAULTS["model"])),
+                              cli.get("data", config.get("data", DEFAULTS["data"])))
         saved_path = Path(out) / "config.json"
         if saved_path.is_file():
             saved = json.loads(saved_path.read_text())
@@ -189,10 +192,11 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from nflux.training.runs import evaluate
+    from nflux.training.trainer import write_json
 
     result = evaluate(args.dir, data=args.data, device=args.device)
     path = Path(args.dir) / "eval.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(path, result)
     bpd = f", {result['test_bits_per_dim']:.4f} bits/dim" if "test_bits_per_dim" in result else ""
     print(f"test nll {result['test_nll_nats']:.6f} nats{bpd} on {result['data']} ({result['n_test']} examples); "
           f"wrote {path}")
@@ -202,20 +206,32 @@ def _cmd_eval(args) -> int:
 def _cmd_sample(args) -> int:
     import numpy as np
 
-    from nflux.training.plots import plot_samples
+    from nflux.training.plots import GRID_IMAGES, plot_samples
     from nflux.training.runs import sample_run
+    from nflux.training.trainer import make_dir
 
     out = Path(args.out) if args.out else Path(args.dir) / f"samples-{args.n}.npy"
     if out.suffix.lower() not in (".npy", ".png"):
         raise ValueError(f"--out must end in .npy or .png, got {str(out)!r}")
-    x, _ = sample_run(args.dir, args.n, temperature=args.temperature, seed=args.seed, device=args.device)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {str(out)!r} is a directory; give a .npy or .png file name")
+    x, record = sample_run(args.dir, args.n, temperature=args.temperature, seed=args.seed, device=args.device)
+    make_dir(out.parent, "--out", out)
+    image = x.dim() == 4
     if out.suffix.lower() == ".npy":
-        np.save(out, x.numpy())
+        # Images as integer levels in the smallest unsigned type that holds them; vectors in
+        # float32, the precision the model computes in.
+        levels = int(record["levels"]) if image else 0
+        dtype = (np.uint8 if levels <= 256 else np.uint16 if levels <= 65536 else np.int64) if image else np.float32
+        np.save(out, x.numpy().astype(dtype))
+        what = f"{args.n} samples (" + (f"images {list(x.shape[1:])}, integer levels, {np.dtype(dtype).name}"
+                                        if image else f"{x.shape[1]} dims, data units, float32") + ")"
     else:
         plot_samples(None, x, out)
-    what = f"images {list(x.shape[1:])}, integer levels" if x.dim() == 4 else f"{x.shape[1]} dims, data units"
-    print(f"wrote {args.n} samples ({what}) to {out}")
+        count = f"the first {GRID_IMAGES} of {args.n}" if args.n > GRID_IMAGES else f"{args.n}"
+        what = (f"a grid of {count} samples (images {list(x.shape[1:])})" if image
+                else f"a plot of {args.n} samples ({x.shape[1]} dims)")
+    print(f"wrote {what} to {out}")
     return 0
 
 
@@ -226,7 +242,7 @@ def _cmd_datasets(args) -> int:
     width = max(map(len, names))
     for name, desc in names.items():
         print(f"{name:<{width}}  {desc}")
-    print("or a path to a .npy/.csv file (N x D)")
+    print("or a path: a .npy/.csv file (N x D; .npy N x C x H x W: images) or a folder of PNG/JPEG images")
     return 0
 
 
@@ -252,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                 "info": _cmd_info}
     try:
         return commands[args.command](args)
-    except (DatasetError, CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
+    except (DatasetError, CheckpointError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            ValueError) as e:
+        # The library's own messages start with "nflux: "; the line says it once.
+        msg = " ".join(str(e).split()).removeprefix("nflux: ") or type(e).__name__
         print(f"nflux: error: {msg}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

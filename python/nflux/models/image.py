@@ -16,6 +16,7 @@ conv conditioners in channels-last layout: faster on CPU and GPU, the same funct
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
@@ -107,15 +108,24 @@ class ImageFlow(Flow):
     def rsample(self, sample_shape=(), context=None, *, temperature: float = 1.0) -> torch.Tensor:
         return self._draw(sample_shape, context, temperature)[0]
 
-    def dist(self, context: torch.Tensor | None = None):
+    def dist(self, context: torch.Tensor | None = None, validate_args: bool | None = None):
         """This flow as a `torch.distributions.Distribution` with event shape (C, H, W)."""
-        d = super().dist(self._context(context))  # labels as one-hot vectors: batch shape right
+        # Labels as one-hot vectors: batch shape right.
+        d = super().dist(self._context(context), validate_args=validate_args)
         d._event_shape = torch.Size(self.shape)
         return d
 
+    def _float_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer-typed images (uint8, int64...) in the flow's floating dtype: the noise and
+        the transforms need floats."""
+        if x.is_floating_point():
+            return x
+        return x.to(next(self.parameters(), torch.empty(0)).dtype)
+
     def dequantize(self, x: torch.Tensor, noise: bool | None = None) -> torch.Tensor:
-        """Integer images (0..levels-1) -> [0, 1), with noise from `dequantizer`."""
-        return self.dequantizer(x, noise)
+        """Integer images (0..levels-1, any integer or float dtype) -> [0, 1), with noise from
+        `dequantizer`."""
+        return self.dequantizer(self._float_images(x), noise)
 
     def quantize(self, y: torch.Tensor) -> torch.Tensor:
         """[0, 1) images -> integer levels."""
@@ -123,19 +133,34 @@ class ImageFlow(Flow):
 
     def bits_per_dim(self, x: torch.Tensor, context: torch.Tensor | None = None,
                      noise: bool | None = None) -> torch.Tensor:
-        """Bits/dim `[*batch]` of integer images x: an upper bound on the discrete model's, from
-        dequantisation noise u ~ q(u | x) (uniform: log q = 0; variational: log q(u | x) is
-        subtracted from the log density), every preprocessing Jacobian included."""
-        x2, c2, batch = self._flatten(x, context)
+        """Bits/dim `[*batch]` of integer images x (any integer or float dtype): an upper bound on
+        the discrete model's, from dequantisation noise u ~ q(u | x) (uniform: log q = 0;
+        variational: log q(u | x) is subtracted from the log density), every preprocessing
+        Jacobian included."""
+        x2, c2, batch = self._flatten(self._float_images(x), context)
         y, log_q = self.dequantizer.sample(x2, noise)
         z, lad = self.transforms(y, c2)
         log_prob = self.base.log_prob(z) + lad - log_q
         return _bits_per_dim(log_prob, self.shape, self.levels).reshape(batch)
 
 
+def _check_args(name: str, shape, **sizes):
+    """One clear error for a bad shape or size argument (levels=0 would otherwise fail deep in
+    MultiScale): shape (C, H, W) of positive sizes, and every given size an int >= 1."""
+    def positive(v):
+        try:
+            return not isinstance(v, bool) and operator.index(v) >= 1  # ints, numpy ints, torch.Size
+        except TypeError:
+            return False
+
+    if len(shape) != 3 or not all(map(positive, shape)):
+        raise ValueError(f"nflux: {name}.image shape must be (C, H, W) of positive ints, got {tuple(shape)}")
+    for key, v in sizes.items():
+        if v is not None and not positive(v):
+            raise ValueError(f"nflux: {name}.image {key} must be an int >= 1, got {v!r}")
+
+
 def _check_shape(shape, squeezes: int, name: str):
-    if len(shape) != 3:
-        raise ValueError(f"nflux: {name}.image shape must be (C, H, W), got {tuple(shape)}")
     C, H, W = shape
     k = 2**squeezes
     if H % k or W % k:
@@ -144,6 +169,9 @@ def _check_shape(shape, squeezes: int, name: str):
 
 def _conditioning(context: int, num_classes: int | None, channels_last: bool):
     """(K, keyword arguments for the transforms) for a context of K features or K labels."""
+    if num_classes is not None and context:
+        raise ValueError(f"nflux: give context (features) or num_classes (labels), not both: got context={context}, "
+                         f"num_classes={num_classes}")
     K = int(num_classes) if num_classes is not None else int(context)
     if K < 0:
         raise ValueError(f"nflux: context features must be >= 0, got {K}")
@@ -170,6 +198,7 @@ def realnvp_image(shape: Sequence[int], *, levels: int = 2, hidden: int = 64, bl
     (`hidden` channels, `blocks` residual blocks); with `actnorm`, an ActNorm2d precedes each
     coupling (in place of RealNVP's batch norm). `data_levels`: intensity levels of the data.
     """
+    _check_args("RealNVP", shape, levels=levels, hidden=hidden, num_classes=num_classes)
     _check_shape(shape, levels - 1, "RealNVP")
     C, H, W = shape
     K, cond = _conditioning(context, num_classes, channels_last)
@@ -214,6 +243,7 @@ def glow_image(shape: Sequence[int], *, levels: int = 3, steps: int = 8, hidden:
     as one op (`nflux.ops.actnorm_lu_conv1x1`). `data_levels`: intensity levels of the data.
     Conditioning, dequantisation and layout: see the module docstring.
     """
+    _check_args("Glow", shape, levels=levels, hidden=hidden, num_classes=num_classes)
     _check_shape(shape, levels, "Glow")
     C, H, W = shape
     K, cond = _conditioning(context, num_classes, channels_last)

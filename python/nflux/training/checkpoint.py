@@ -314,11 +314,11 @@ def _check_model(saved: dict[str, torch.Tensor], model: torch.nn.Module) -> None
     expected = model.state_dict()
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
-    if missing or unexpected:
+    if missing or unexpected:  # a few names each: a different model can miss hundreds
         raise CheckpointError(
-            "checkpoint does not match the model: "
+            "checkpoint does not match the model (made by a different model or model options?): "
             + "; ".join(
-                f"{what} {keys[:10]}{' ...' if len(keys) > 10 else ''}"
+                f"{len(keys)} {what} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
                 for what, keys in (("missing keys", missing), ("unexpected keys", unexpected))
                 if keys
             )

@@ -17,7 +17,7 @@ import torch
 import nflux
 
 __all__ = ["DEFAULTS", "IMAGE_MODELS", "KIND_DEFAULTS", "MODELS", "PRECISIONS", "RECORD_KEYS", "ConfigError",
-           "build_model", "make_config", "model_kwargs", "resolve_for_data"]
+           "build_model", "check_device", "default_out", "make_config", "model_kwargs", "resolve_for_data"]
 
 
 class ConfigError(ValueError):
@@ -120,6 +120,8 @@ def make_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         config["compile"] = "inductor"
     if not (config["compile"] is False or isinstance(config["compile"], str) and config["compile"]):
         raise ConfigError(f"compile must be false, true or a torch.compile backend name, got {config['compile']!r}")
+    if config["compile"]:
+        _check_backend(config["compile"])
     config["precision"] = str(config["precision"])
     if config["precision"] not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {config['precision']!r}")
@@ -135,20 +137,48 @@ def make_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         raise ConfigError(f"scales applies to image models ({', '.join(IMAGE_MODELS)}), not {config['model']}")
     if config["bins"] is not None and not config["model"].startswith("nsf"):
         raise ConfigError(f"bins applies to nsf and nsf-ar only, not {config['model']}")
-    device = str(config["device"])
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ConfigError(f"device must be cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but torch sees no CUDA device")
+    check_device(config["device"])
     if config["out"] is None:
-        config["out"] = os.path.join("runs", f"{config['model']}-{_safe(config['data'])}")
+        config["out"] = default_out(config["model"], config["data"])
     config["out"] = os.fspath(config["out"])
     return config
 
 
-def _safe(name: Any) -> str:
-    base = os.path.basename(os.path.normpath(str(name)))
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in base) or "data"
+def _check_backend(name: str) -> None:
+    """Refuse an unknown torch.compile backend now, before the run writes anything (torch
+    would raise only at the first step)."""
+    import torch._dynamo
+
+    if name not in torch._dynamo.list_backends(exclude_tags=()):  # debug backends (eager) too
+        hint = " (to turn compiling off, write false without quotes)" if name.lower() in ("false", "none") else ""
+        common = sorted({*torch._dynamo.list_backends(), "eager", "aot_eager"})
+        raise ConfigError(f"unknown torch.compile backend {name!r}{hint}; choose e.g. {', '.join(common)} "
+                          "(torch._dynamo.list_backends())")
+
+
+def check_device(device: Any) -> str:
+    """`device` as a string, checked: cpu, or cuda[:N] with such a CUDA device present."""
+    device = str(device)
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda[:N], got {device!r}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but torch sees no CUDA device")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def default_out(model: str, data: Any) -> str:
+    """The run directory of `model` on `data` when no out is given: runs/<model>-<data's base
+    name>, with characters other than letters, digits and -_. replaced by _."""
+    base = os.path.basename(os.path.normpath(str(data)))
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in base) or "data"
+    return os.path.join("runs", f"{str(model).lower()}-{safe}")
 
 
 def resolve_for_data(config: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -198,15 +228,15 @@ def build_model(name: str, shape: int | Sequence[int], **kwargs) -> nflux.Flow:
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     cls_name, extra = MODELS[name]
-    if kwargs.pop("image", False):
-        try:
+    try:
+        if kwargs.pop("image", False):
             return getattr(nflux, cls_name).image(tuple(shape), **kwargs)
-        except ValueError as e:  # e.g. H, W not divisible by 2**levels
-            raise ConfigError(str(e).removeprefix("nflux: ")) from None
-    features = shape if isinstance(shape, int) else int(shape[0])
-    kw = {**extra, **kwargs}
-    if "hidden" in kw:
-        kw["hidden"] = tuple(kw["hidden"])
-    return getattr(nflux, cls_name)(features, **kw)
+        features = shape if isinstance(shape, int) else int(shape[0])
+        kw = {**extra, **kwargs}
+        if "hidden" in kw:
+            kw["hidden"] = tuple(kw["hidden"])
+        return getattr(nflux, cls_name)(features, **kw)
+    except ValueError as e:  # e.g. H, W not divisible by 2**levels; one feature for a coupling
+        raise ConfigError(str(e).removeprefix("nflux: ")) from None
 
 

@@ -8,8 +8,9 @@ import os
 
 import torch
 
-__all__ = ["plot_image_grid", "plot_loss", "plot_samples"]
+__all__ = ["GRID_IMAGES", "plot_image_grid", "plot_loss", "plot_samples"]
 
+GRID_IMAGES = 64  # images in a sample grid
 
 
 def _plt():
@@ -97,14 +98,19 @@ def _grid(images: torch.Tensor, columns: int) -> torch.Tensor:
 
 
 def plot_image_grid(data: torch.Tensor | None, samples: torch.Tensor, path: str | os.PathLike,
-                    max_images: int = 64) -> None:
-    """A grid of up to `max_images` samples `[n, C, H, W]` (1 or 3 channels, any range: each
-    grid is scaled by its own min and max), beside a grid of data images when given."""
+                    max_images: int = GRID_IMAGES) -> None:
+    """A grid of up to `max_images` samples `[n, C, H, W]` (any range: each grid is scaled by
+    its own min and max), beside a grid of data images when given. 1 channel: greyscale; 3:
+    RGB; 4: RGBA; any other count: each channel in greyscale, side by side in the image's cell."""
     plt = _plt()
     panels = ([(data, "data")] if data is not None else []) + [(samples, "nflux samples")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.3), squeeze=False)
     for ax, (images, title) in zip(axes[0], panels):
         images = images.detach().double().cpu()[:max_images]
+        n, C, H, W = images.shape
+        if C not in (1, 3, 4):  # matplotlib shows 1, 3 or 4 channels only
+            images = images.permute(0, 2, 1, 3).reshape(n, 1, H, C * W)
+            title = f"{title} ({C} channels side by side)"
         lo, hi = images.min(), images.max()
         grid = _grid((images - lo) / (hi - lo).clamp_min(1e-12), math.ceil(math.sqrt(len(images))))
         if grid.shape[-1] == 1:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file as st_load_file
 import nflux
 from nflux.data import Standardizer
 from nflux.training.checkpoint import CheckpointError, _check_model, load_latest, restore
-from nflux.training.config import ConfigError, build_model
+from nflux.training.config import ConfigError, build_model, check_device
 from nflux.training.task import make_task, nll_sum, quantize, unstandardize
 from nflux.training.trainer import load_data_for, sample_model
 
@@ -23,7 +23,9 @@ __all__ = ["evaluate", "load_run", "sample_run"]
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[nflux.Flow, dict[str, Any]]:
     """(model, config record) of a run directory, with the best weights (`best.safetensors`),
-    or the newest checkpoint's when there is no best file."""
+    or the newest checkpoint's when there is no best file. `device` is checked as `train`
+    checks it (cpu, or cuda[:N] when torch sees such a device)."""
+    device = check_device(device)
     d = Path(run_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"run directory {d} does not exist")

@@ -112,7 +112,8 @@ def make_task(splits: Splits, device: torch.device, seed: int, record: dict[str,
     """The task of `splits`; with a run's config `record`, its recorded standardiser."""
     if splits.kind == "image":
         if "levels" not in splits.meta:
-            raise ValueError(f"image data {splits.meta.get('name', '')!r} has no 'levels' in its meta")
+            raise ValueError(f"image data {splits.meta.get('name', '')!r} has no intensity levels (float images): "
+                             "save the images as integers, uint8 (0..255) or uint16 (0..65535)")
         return ImageTask(splits, device, seed)
     std = Standardizer.from_json(record["standardizer"]) if record is not None else None
     return VectorTask(splits, device, std)

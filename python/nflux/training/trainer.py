@@ -16,7 +16,9 @@ What a run does, in order:
   replacement from a `torch.Generator` seeded by `seed`, gradient clipping, and a
   `NonFiniteGuard` that skips steps whose loss or gradient norm is NaN/inf;
 - every `val_every` steps evaluates the validation NLL; the best state is kept in
-  `best.safetensors`; after `patience` evaluations without improvement it stops early;
+  `best.safetensors`; after `patience` evaluations without improvement it stops early (a
+  NaN or infinite validation NLL is never an improvement, and any finite one improves on
+  a run that has had none);
 - every `checkpoint_every` steps (and at the end) writes a checkpoint (model, optimizer,
   guard, early-stopping state, every RNG including the data generator) under
   `checkpoints/`; `resume=True` continues from the newest one, so the final parameters are
@@ -24,6 +26,7 @@ What a run does, in order:
   a checkpoint and returns `{"interrupted": True, ...}` (`nflux.training.interrupt`);
 - writes `config.json`, `metrics.jsonl` (one line per logged step), `metrics.json` (final
   test NLL in nats of the best state, and bits/dim for images), `samples.png` and `loss.png`.
+  The JSON files are strict JSON: a NaN or infinite number is written as null.
 
 Under torchrun the same code trains with DistributedDataParallel: `batch` is the global
 batch, each rank computes the loss of its shard, rank 0 writes the outputs, and every
@@ -47,12 +50,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file as st_load_file
-from safetensors.torch import save_file as st_save_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 import nflux
 from nflux.data import load as load_data
-from nflux.training.checkpoint import CheckpointError, load_latest, restore, save_checkpoint
+from nflux.training.checkpoint import CheckpointError, _atomic_write, load_latest, restore, save_checkpoint
 from nflux.training.config import ConfigError, build_model, make_config, model_kwargs, resolve_for_data
 from nflux.training.distributed import Distributed
 from nflux.training.interrupt import StopRequest
@@ -61,7 +64,7 @@ from nflux.training.plots import plot_loss, plot_samples
 from nflux.training.rng import capture_rng_state
 from nflux.training.task import make_task, nll_sum
 
-__all__ = ["train", "load_data_for", "sample_model"]
+__all__ = ["train", "load_data_for", "make_dir", "sample_model", "strict_json", "write_json"]
 
 
 def load_data_for(config: dict[str, Any]):
@@ -122,10 +125,42 @@ def make_adam(params, **options) -> torch.optim.Adam:
     return torch.optim.Adam(params, foreach=True, **options)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def strict_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None: json.dumps would write bare
+    NaN / Infinity, which strict JSON readers (jq, JavaScript, Go) refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """`obj` as strict JSON (non-finite numbers as null), written atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def make_dir(path: str | os.PathLike, what: str, value: str | os.PathLike | None = None) -> Path:
+    """mkdir -p `path`, refusing in one line when it or a parent is a file; the message names
+    the argument `what` and its `value` (default: `path`)."""
+    p = Path(path)
+    value = p if value is None else Path(value)
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            where = "" if q == value else f": {str(q)!r}"
+            raise NotADirectoryError(f"{what} {str(value)!r}{where} is a file, not a directory")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _improves(val: float, best: float | None) -> bool:
+    """Whether a validation NLL is a new best: never when it is NaN or infinite, always over
+    no best (or a non-finite one, as older checkpoints may hold)."""
+    return math.isfinite(val) and (best is None or not math.isfinite(best) or val < best)
 
 
 class _Progress:
@@ -174,6 +209,20 @@ def _read_jsonl(path: Path, upto: int | None = None) -> list[dict]:
     return rows
 
 
+def _raise_if_other_model(ckpt, model: str, kwargs: dict[str, Any]) -> None:
+    """For a checkpoint that does not fit the model: a short error naming both models when the
+    checkpoint's record says it was made by another model or model options (restore's own
+    message lists parameter names)."""
+    saved = ckpt.meta.get("config") if isinstance(ckpt.meta, dict) else None
+    if not isinstance(saved, dict) or "model" not in saved:
+        return
+    old = (saved["model"], saved.get("model_kwargs"))
+    if old != (model, json.loads(json.dumps(kwargs))):
+        raise CheckpointError(f"{ckpt.path.name} does not match the model: it was made by {old[0]} {old[1]}, "
+                              f"this run builds {model} {kwargs}; resume with the same model and options, "
+                              "or choose another --out") from None
+
+
 def train(config: dict[str, Any], *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Train one flow as `config` says (see `nflux.training.config.DEFAULTS` and the module
     docstring); return the final metrics (also written to `<out>/metrics.json`). With
@@ -206,7 +255,7 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
     ctx.agree(-1 if ckpt is None else ckpt.step, "the checkpoint step to resume from (with several nodes, "
               "--out must be on storage that every node sees)")
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out, "out")
 
     torch.manual_seed(config["seed"])  # the same initial model on every rank
     model = build_model(config["model"], splits.shape, **kwargs).to(device)
@@ -227,7 +276,11 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
 
     start_step = 0
     if ckpt is not None:
-        restore(ckpt, model, optimizer, generators={"data": data_gen})
+        try:
+            restore(ckpt, model, optimizer, generators={"data": data_gen})
+        except CheckpointError:
+            _raise_if_other_model(ckpt, config["model"], kwargs)
+            raise
         meta = ckpt.meta
         try:
             guard.load_state_dict(meta["guard"])
@@ -248,7 +301,7 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
         data_gen.set_state(rewind)
         torch.manual_seed(config["seed"] + ctx.rank)
     if ctx.is_main:
-        _write_json(out / "config.json", record)
+        write_json(out / "config.json", record)
 
     bf16 = config["precision"] == "bf16"
     if bf16 and device.type == "cpu" and not cpu_has_bf16() and not quiet:
@@ -268,7 +321,7 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
     metrics_path = out / "metrics.jsonl"
     if ctx.is_main:
         rows = _read_jsonl(metrics_path, upto=start_step) if ckpt is not None else []
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        metrics_path.write_text("".join(json.dumps(strict_json(r)) + "\n" for r in rows))
 
     def checkpoint(step: int) -> None:
         if ctx.is_main:
@@ -280,13 +333,11 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
         # every rank takes the same early-stopping decision.
         (total_nll,) = ctx.sum_floats(nll_sum(model, task.val[ctx.shard(len(task.val))], config["eval_batch"]))
         val = total_nll / len(task.val) + task.nll_offset
-        if state["best_val"] is None or val < state["best_val"]:
+        if _improves(val, state["best_val"]):
             state.update(best_val=val, best_step=step, bad_evals=0)
-            if ctx.is_main:
-                tmp = out / ".best.safetensors.tmp"
-                st_save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                             metadata={"step": str(step)})
-                os.replace(tmp, out / "best.safetensors")
+            if ctx.is_main:  # as the checkpoints: atomic, and the run's other files' permissions
+                weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                _atomic_write(out / "best.safetensors", st_save(weights, metadata={"step": str(step)}), "best")
         else:
             state["bad_evals"] += 1
             if config["patience"] and state["bad_evals"] >= config["patience"]:
@@ -324,7 +375,7 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
                 if task.kind == "image":
                     row["train_bits_per_dim"] = task.bits_per_dim(loss_v)
                     row["val_bits_per_dim"] = None if val is None else task.bits_per_dim(val)
-                log.write(json.dumps(row) + "\n")
+                log.write(json.dumps(strict_json(row)) + "\n")
                 log.flush()
                 last_t, last_step = now, step
             progress.update(step, loss_v, rate, val)
@@ -362,11 +413,12 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
         bpd = task.bits_per_dim(test_nll)
         if bpd is not None:
             metrics["test_bits_per_dim"] = bpd
-        _write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics)
         if not quiet:
             extra = f", {bpd:.4f} bits/dim" if bpd is not None else ""
-            print(f"test nll {test_nll:.4f} nats{extra} (best val {state['best_val']:.4f} at step "
-                  f"{state['best_step']}); wrote {out}")
+            best = ("no finite validation NLL" if state["best_val"] is None
+                    else f"best val {state['best_val']:.4f} at step {state['best_step']}")
+            print(f"test nll {test_nll:.4f} nats{extra} ({best}); wrote {out}")
         if config["plot_samples"]:
             gen = torch.Generator(device=device).manual_seed(config["seed"] + 1)
             samples = task.to_data(sample_model(model, task.plot_count(config["plot_samples"]), gen))

@@ -72,13 +72,16 @@ class Dequantize(_Dequantizer):
 
     def forward(self, x: torch.Tensor, noise: bool | None = None) -> torch.Tensor:
         noise = self.noise if noise is None else noise
+        if not x.is_floating_point():  # uint8 / int64 images: rand_like needs a float dtype
+            x = x.to(torch.get_default_dtype())
         u = torch.rand_like(x) if noise else torch.full_like(x, 0.5)
         return (x + u) / self.levels
 
     def sample(self, x: torch.Tensor, noise: bool | None = None):
         """(y, log q(u | x)): the dequantised images and the log density of their noise,
         0 for uniform noise (the interface of `VariationalDequantize`)."""
-        return self(x, noise), x.new_zeros(x.shape[:-3])
+        y = self(x, noise)
+        return y, y.new_zeros(x.shape[:-3])
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, noise={self.noise}"
