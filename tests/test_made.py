@@ -93,6 +93,33 @@ def test_context_changes_output_and_broadcasts():
     torch.testing.assert_close(made(x, c1), made(x, c1.expand(4, 2)))
 
 
+@pytest.mark.parametrize("features", [1, 3])
+@pytest.mark.parametrize("residual", [False, True])
+def test_context_reaches_every_feature(features, residual):
+    """The context is an input of degree 0: degree-0 hidden units carry it to the first
+    feature's parameters too (without them a one-feature conditional MAF ignored its context)."""
+    made = _randomize(MADE(features, 2, (12, 12), context_features=2, residual=residual).double())
+    x, c = torch.randn(1, features, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(lambda c: made(x, c)[0], c)  # [D, P, 1, 2]
+    assert (J.abs().sum((1, 2, 3)) > 0).all()
+
+
+def test_context_width_is_checked():
+    with pytest.raises(ValueError, match=r"needs a context \[\.\.\., 2\], got \[4, 3\]"):
+        MADE(3, 2, (8,), context_features=2)(torch.randn(4, 3), torch.randn(4, 3))
+
+
+def test_masks_follow_the_default_dtype():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        made = MADE(3, 2, (8,))
+        assert all(m.dtype == torch.float64 for m in made.masks())
+        assert made(torch.randn(2, 3)).dtype == torch.float64
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def test_masked_gradients_stay_zero():
     made = MADE(4, 2, (8, 8))
     made(torch.randn(3, 4)).sum().backward()
@@ -118,3 +145,5 @@ def test_bad_arguments():
         MADE(3, 2, (8,))(torch.randn(2, 3), torch.randn(2, 1))
     with pytest.raises(ValueError, match="needs a context"):
         MADE(3, 2, (8,), context_features=1)(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="width >= 1"):
+        MADE(3, 2, (0,))

@@ -42,13 +42,20 @@ def input_degrees(features: int, ordering: str | Sequence[int] = "natural", seed
     return degrees
 
 
-def hidden_degrees(width: int, features: int) -> list[int]:
-    """Degrees 1..D-1, each equally represented (all 1 when D = 1), in ascending order.
+def hidden_degrees(width: int, features: int, context: bool = False) -> list[int]:
+    """Degrees 1..D-1 (0..D-1 with a context), each equally represented, in ascending order.
 
-    Sorted, a hidden layer's mask is a staircase (each unit sees a prefix of the units before),
-    which a few rectangles cover: masked_linear then skips most masked-out multiply-adds.
+    A unit of degree 0 sees no input, only the context, and it is what lets the first feature's
+    parameters depend on the context (the context is an input of degree 0): without such units
+    the first feature of every layer ignored the context, and a one-feature MAF ignored it
+    altogether. Without a context they would be constants, so there the degrees start at 1
+    (all 1 when D = 1). Sorted, a hidden layer's mask is a staircase (each unit sees a prefix
+    of the units before), which a few rectangles cover: masked_linear then skips most
+    masked-out multiply-adds.
     """
-    return sorted((i % max(1, features - 1)) + 1 for i in range(width))
+    low = 0 if context else 1
+    span = max(1, features - low)
+    return sorted(i % span + low for i in range(width))
 
 
 class MADE(nn.Module):
@@ -81,8 +88,9 @@ class MADE(nn.Module):
     ):
         super().__init__()
         hidden_features = [int(h) for h in hidden_features]
-        if features < 1 or params_per_feature < 1 or not hidden_features:
-            raise ValueError("nflux: MADE needs features >= 1, params_per_feature >= 1 and a hidden layer")
+        if features < 1 or params_per_feature < 1 or not hidden_features or min(hidden_features) < 1:
+            raise ValueError("nflux: MADE needs features >= 1, params_per_feature >= 1 and hidden layers of width "
+                             f">= 1, got {features}, {params_per_feature}, {hidden_features}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"nflux: activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
         if residual:
@@ -96,7 +104,7 @@ class MADE(nn.Module):
         D, P = features, params_per_feature
 
         in_deg = input_degrees(features, ordering, seed)
-        layer_deg = [in_deg] + [hidden_degrees(w, D) for w in widths]
+        layer_deg = [in_deg] + [hidden_degrees(w, D, bool(context_features)) for w in widths]
         # Static ints: the op takes them as a schema int[], so they never become device data.
         self.degrees = [k for layer in layer_deg for k in layer]
         self.register_buffer("input_degrees", torch.tensor(in_deg), persistent=False)
@@ -111,11 +119,11 @@ class MADE(nn.Module):
             d_in, d_out = torch.tensor(layer_deg[i]), out_deg[i]
             last = i == len(sizes) - 2
             mask = d_out[:, None] > d_in[None, :] if last else d_out[:, None] >= d_in[None, :]
-            self.register_buffer(f"mask{i}", mask.float())
             self.mask_blocks.append(ops.masked_linear_blocks(mask))
             bound = 1 / math.sqrt(fan_in)
             weight = torch.empty(fan_out, fan_in).uniform_(-bound, bound)
             bias = torch.empty(fan_out).uniform_(-bound, bound)
+            self.register_buffer(f"mask{i}", mask.to(weight.dtype))  # the default dtype, as the weights
             if residual and i > 0 and i % 2 == 0 and not last:  # a block's second layer
                 weight.uniform_(-1e-3, 1e-3)
                 bias.zero_()
@@ -149,8 +157,11 @@ class MADE(nn.Module):
             return []
         if context is None:
             raise ValueError("nflux: this MADE needs a context")
+        if context.shape[-1] != self.context[0].in_features:
+            raise ValueError(f"nflux: this MADE needs a context [..., {self.context[0].in_features}], "
+                             f"got {list(context.shape)}")
         terms = [layer(context) for layer in self.context]
-        return [t.expand(batch, -1) if t.shape[0] == 1 else t for t in terms]
+        return [t.expand(batch, -1) if t.dim() == 1 or t.shape[0] == 1 else t for t in terms]
 
     def hidden(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """The activations entering the output layer, `[B, width]` (with `forward`'s masks, so a
