@@ -70,6 +70,12 @@ void fill_uncovered(at::Tensor& y, const c10::optional<at::Tensor>& bias, int64_
   }
 }
 
+// The rows of `[..., n]` as one count: reshape({-1, n}) is ambiguous when n is 0 (a MADE head
+// of zero parameters, as a one-bin spline's derivatives).
+int64_t leading_rows(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+}
+
 at::Tensor masked_linear(const at::Tensor& input, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const at::Tensor& mask,
                          at::IntArrayRef blocks) {
@@ -78,12 +84,13 @@ at::Tensor masked_linear(const at::Tensor& input, const at::Tensor& weight,
   const std::vector<MaskBlock> parsed = blocks_for(input, blocks, out, in);
   if (parsed.empty()) return at::linear(input, weight * mask, bias);
 
-  const at::Tensor x2 = input.reshape({-1, in});
+  const int64_t rows = leading_rows(input);
+  const at::Tensor x2 = input.reshape({rows, in});
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = out;
   // Allocated in its final shape: a returned view would forbid in-place use of the output.
   at::Tensor result = at::empty(shape, input.options());
-  at::Tensor y = result.view({-1, out});
+  at::Tensor y = result.view({rows, out});
   const bool has_bias = bias.has_value() && bias->defined();
   int64_t covered = 0;
   for (const MaskBlock& b : parsed) {
@@ -116,8 +123,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
               "nflux: grad_output must have shape [..., ", out, "] matching input, got ",
               grad_output.sizes());
   const std::vector<MaskBlock> parsed = blocks_for(input, blocks, out, in);
-  const at::Tensor g2 = grad_output.reshape({-1, out});
-  const at::Tensor x2 = input.reshape({-1, in});
+  const int64_t rows = leading_rows(input);
+  const at::Tensor g2 = grad_output.reshape({rows, out});
+  const at::Tensor x2 = input.reshape({rows, in});
   at::Tensor grad_bias = g2.sum(0);
   if (parsed.empty()) {
     at::Tensor grad_input = at::matmul(grad_output, weight * mask);
@@ -146,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward(
   std::sort(bounds.begin(), bounds.end());
   bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
   at::Tensor grad_input = at::empty(input.sizes(), input.options());
-  at::Tensor grad_input2 = grad_input.view({-1, in});
+  at::Tensor grad_input2 = grad_input.view({rows, in});
   for (size_t s = 0; s + 1 < bounds.size(); ++s) {
     const int64_t a = bounds[s], z = bounds[s + 1];
     at::Tensor gi_segment = grad_input2.slice(1, a, z);

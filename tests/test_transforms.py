@@ -141,3 +141,53 @@ def test_bad_masks():
         T.AffineCoupling(3, [True, True, True])
     with pytest.raises(ValueError, match="mask"):
         T.AffineCoupling(3, [True, False])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: T.AdditiveCoupling(D, T.alternating_mask(D)), lambda: T.AffineCoupling(D, T.half_mask(D)),
+    lambda: T.SplineCoupling(D, T.alternating_mask(D)), lambda: T.ReversePermutation(D),
+    lambda: T.RandomPermutation(D), lambda: T.LULinear(D), lambda: T.MaskedAffineAutoregressive(D),
+    lambda: T.MaskedSplineAutoregressive(D)])
+@pytest.mark.parametrize("width", [D - 1, D + 1])
+def test_input_width_is_checked(make, width):
+    """A wrong width is an error naming the transform, both ways (index_select used to drop
+    extra features silently)."""
+    t = make()
+    for direction in (t.forward, t.inverse):
+        with pytest.raises(ValueError, match=rf"{type(t).__name__} expects inputs \[B, {D}\], got \[{B}, {width}\]"):
+            direction(torch.randn(B, width))
+
+
+def test_one_bin_autoregressive_spline():
+    t = perturb(T.MaskedSplineAutoregressive(D, bins=1, hidden=(8,)).double())
+    x = torch.randn(B, D, dtype=torch.float64)
+    y, lad = t(x)
+    x_back, lad_back = t.inverse(y)
+    torch.testing.assert_close(x_back, x)
+    torch.testing.assert_close(lad_back, -lad)
+    torch.testing.assert_close(lad, brute_logabsdet(t, x))
+
+
+def test_float64_default_dtype():
+    """Built under a float64 default, the transforms start where float64 puts them: LULinear's
+    identity factors are two tensors (they were one), spline couplings are the identity to
+    float64 rounding (their output bias was cast through float32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        lu = T.LULinear(D, init="identity")
+        assert lu.lower.data_ptr() != lu.upper.data_ptr()
+        lu.load_state_dict(T.LULinear(D, seed=0).state_dict())
+        torch.testing.assert_close(lu.weight(), T.LULinear(D, seed=0).weight())
+        x = torch.randn(B, D)
+        y, lad = T.SplineCoupling(D, T.alternating_mask(D)).eval()(x)
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-14)
+        torch.testing.assert_close(lad, torch.zeros(B), rtol=0, atol=1e-13)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_conditioner_context_width_is_checked():
+    t = T.AffineCoupling(D, T.half_mask(D), context=C, hidden=(8,))
+    with pytest.raises(ValueError, match=rf"needs a context \[\.\.\., {C}\], got \[{B}, {C + 1}\]"):
+        t(torch.randn(B, D), torch.randn(B, C + 1))

@@ -60,7 +60,7 @@ class MLP(nn.Module):
         with torch.no_grad():
             self.out.weight.zero_()
             if out_bias is not None:
-                self.out.bias.copy_(torch.as_tensor(out_bias, dtype=torch.float32))
+                self.out.bias.copy_(torch.as_tensor(out_bias, dtype=self.out.bias.dtype))
             else:
                 self.out.bias.zero_()
 
@@ -68,6 +68,9 @@ class MLP(nn.Module):
         if self.context_features:
             if context is None:
                 raise ValueError("nflux: this conditioner needs a context")
+            if context.shape[-1] != self.context_features:
+                raise ValueError(f"nflux: this conditioner needs a context [..., {self.context_features}], "
+                                 f"got {list(context.shape)}")
             if context.shape[0] != x.shape[0]:
                 context = context.expand(x.shape[0], -1)
             x = torch.cat([x, context], dim=-1)

@@ -16,7 +16,7 @@ import torch
 
 from nflux import ops
 from nflux.nets.made import MADE
-from nflux.transforms.base import Transform
+from nflux.transforms.base import Transform, check_features
 
 
 class _MaskedAutoregressive(Transform):
@@ -43,7 +43,8 @@ class _MaskedAutoregressive(Transform):
         last_mask = self.made.masks()[-1]
         start = 0
         for g, size in enumerate(self._group_sizes()):
-            rows = torch.tensor([i * params_per_feature + p for i in range(features) for p in range(start, start + size)])
+            rows = torch.tensor([i * params_per_feature + p for i in range(features) for p in range(start, start + size)],
+                                dtype=torch.long)  # long also when empty (one bin: no derivatives)
             self.register_buffer(f"head_rows{g}", rows, persistent=False)
             self.register_buffer(f"head_mask{g}", last_mask[rows].clone(), persistent=False)
             start += size
@@ -59,6 +60,7 @@ class _MaskedAutoregressive(Transform):
         raise NotImplementedError
 
     def _heads(self, x, context):
+        check_features(self, x, self.features)
         h = self.made.hidden(x, context)
         weight, bias = self.made.weights[-1], self.made.biases[-1]
         if self.merge_heads:
@@ -78,6 +80,7 @@ class _MaskedAutoregressive(Transform):
         return torch.zeros(self.made.biases[-1].shape)
 
     def inverse(self, y, context=None):
+        check_features(self, y, self.features)
         return self.made.inverse_autoregressive(y, self.transformer, context, **self.options)
 
     def extra_repr(self) -> str:

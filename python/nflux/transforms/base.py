@@ -12,6 +12,13 @@ import torch
 from torch import nn
 
 
+def check_features(transform: nn.Module, x: torch.Tensor, features: int) -> None:
+    """A ValueError naming the transform when x is not `[B, features]` (an index_select would
+    silently drop extra features, a GEMM would name its own weights)."""
+    if x.dim() != 2 or x.shape[1] != features:
+        raise ValueError(f"nflux: {type(transform).__name__} expects inputs [B, {features}], got {list(x.shape)}")
+
+
 class Transform(nn.Module):
     """Base class of bijections on `[B, D]`. Subclasses implement `forward` and `inverse`."""
 

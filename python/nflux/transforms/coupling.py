@@ -16,7 +16,7 @@ import torch
 
 from nflux import ops
 from nflux.nets.mlp import MLP
-from nflux.transforms.base import Transform
+from nflux.transforms.base import Transform, check_features
 
 
 def alternating_mask(features: int, parity: int = 0) -> torch.Tensor:
@@ -71,6 +71,7 @@ class _Coupling(Transform):
         raise NotImplementedError
 
     def _run(self, x, context, inverse):
+        check_features(self, x, self.features)
         x_keep, x_change = x.index_select(1, self.keep_idx), x.index_select(1, self.change_idx)
         params = self.net(x_keep, context)
         y_change, lad = self._map(x_change, params, inverse)

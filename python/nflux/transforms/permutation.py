@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from nflux.transforms.base import Transform
+from nflux.transforms.base import Transform, check_features
 
 
 class Permutation(Transform):
@@ -21,9 +21,11 @@ class Permutation(Transform):
         self.register_buffer("inverse_perm", torch.argsort(perm))
 
     def forward(self, x, context=None):
+        check_features(self, x, self.perm.numel())
         return x.index_select(-1, self.perm), x.new_zeros(x.shape[0])
 
     def inverse(self, y, context=None):
+        check_features(self, y, self.perm.numel())
         return y.index_select(-1, self.inverse_perm), y.new_zeros(y.shape[0])
 
     def extra_repr(self) -> str:
