@@ -168,7 +168,7 @@ def training_table(dims: list[int], batch: int, rounds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--dims", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--rounds", type=int, default=3)

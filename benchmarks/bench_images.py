@@ -196,7 +196,7 @@ class Worker:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["glow32", "realnvp32", "glow-digits", "realnvp-digits"],
                    choices=list(CONFIGS))
     p.add_argument("--rounds", type=int, default=3)

@@ -197,12 +197,13 @@ def train_step_fn(case: Case, x: torch.Tensor, bf16: bool = False):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--dims", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=["NSF", "NSF-AR", "MAF", "IAF", "RealNVP", "NICE", "Glow"])
+    models = ["NSF", "NSF-AR", "MAF", "IAF", "RealNVP", "NICE", "Glow"]
+    parser.add_argument("--models", nargs="+", default=models, choices=models)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                         help="cpu: the thread's CPU time (with --threads 1, robust to other load); wall: elapsed")
     parser.add_argument("--bf16", action="store_true", help="add each training step under torch.autocast(bfloat16)")

@@ -84,7 +84,7 @@ def memory_case(name: str, n: int, K: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=2**20)
     parser.add_argument("--bins", type=int, default=8)
     parser.add_argument("--device", default="cpu")
