@@ -89,6 +89,10 @@ def test_lu_conv1x1_products_stay_float32(entry, inverse):
     with autocast():  # a bfloat16 input is widened, not the parameters narrowed
         y_from_half, _ = ops.lu_conv1x1(x.to(BF16), *args[1:], inverse=inverse)
     assert torch.equal(y_from_half, ops.lu_conv1x1(x.to(BF16).float(), *args[1:], inverse=inverse)[0])
+    actnorm = (torch.full((8,), 0.1), torch.full((8,), -0.2))
+    with autocast():  # the fused ActNorm step too: its checks run on the widened input
+        y_step, _ = ops.actnorm_lu_conv1x1(x.to(BF16), *args[1:], *actnorm, inverse=inverse)
+    assert torch.equal(y_step, ops.actnorm_lu_conv1x1(x.to(BF16).float(), *args[1:], *actnorm, inverse=inverse)[0])
 
 
 def test_masked_linear_computes_in_the_autocast_dtype(entry):

@@ -197,16 +197,20 @@ def test_block_path_cuda_matches_cpu(dtype):
 
 
 @pytest.mark.parametrize("batched_weight", [False, True])
-def test_vmap_matches_loop(batched_weight):
+@pytest.mark.parametrize("staircase", [False, True])
+def test_vmap_matches_loop(batched_weight, staircase):
     g = torch.Generator().manual_seed(3)
-    mask = (torch.rand(5, 3, generator=g) > 0.4).double()
-    xs = torch.randn(4, 7, 3, generator=g, dtype=torch.float64)
-    ws = torch.randn(4, 5, 3, generator=g, dtype=torch.float64)
-    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    # A MADE staircase takes the rectangles' path (blocks), a random mask the dense one.
+    mask = _staircase(256, 256, 16) if staircase else (torch.rand(256, 256, generator=g) > 0.4).double()
+    blocks = nflux.ops.masked_linear_blocks(mask)
+    assert bool(blocks) == staircase
+    xs = torch.randn(4, 7, 256, generator=g, dtype=torch.float64)
+    ws = torch.randn(4, 256, 256, generator=g, dtype=torch.float64)
+    bias = torch.randn(256, generator=g, dtype=torch.float64)
     if batched_weight:
-        got = torch.func.vmap(lambda x, w: nflux.ops.masked_linear(x, w, bias, mask))(xs, ws)
+        got = torch.func.vmap(lambda x, w: nflux.ops.masked_linear(x, w, bias, mask, blocks))(xs, ws)
         want = [reference.masked_linear(xs[i], ws[i], bias, mask) for i in range(4)]
     else:
-        got = torch.func.vmap(lambda x: nflux.ops.masked_linear(x, ws[0], bias, mask), in_dims=1)(xs)
+        got = torch.func.vmap(lambda x: nflux.ops.masked_linear(x, ws[0], bias, mask, blocks), in_dims=1)(xs)
         want = [reference.masked_linear(xs[:, i], ws[0], bias, mask) for i in range(7)]
     torch.testing.assert_close(got, torch.stack(want))

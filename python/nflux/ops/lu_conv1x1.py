@@ -92,7 +92,6 @@ def actnorm_lu_conv1x1(
     [C, C] weight is built outside the op. logabsdet includes ActNorm's; `inverse=True` undoes
     both (x = a^-1(W^-1 (y - bias))).
     """
-    check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
     folded_upper, folded_log_scale = _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias)
     return lu_conv1x1(
         x, perm, lower, folded_upper, folded_log_scale, sign, bias, inverse=inverse, input_shift=actnorm_bias

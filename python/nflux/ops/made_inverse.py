@@ -96,8 +96,8 @@ def _refuse_forward_mode() -> None:
     stack = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)()
     if stack and any(level.key() == torch._C._functorch.TransformType.Jvp for level in stack):
         raise NotImplementedError(
-            "nflux: made_inverse has no forward-mode derivative (torch.func.jvp, jacfwd); use reverse "
-            "mode (torch.func.vjp, jacrev, torch.autograd)"
+            "nflux: made_inverse has no forward-mode derivative (torch.func.jvp, jacfwd); use torch.autograd "
+            "(torch.func's gradient transforms are not supported)"
         )
 
 

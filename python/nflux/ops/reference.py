@@ -87,6 +87,8 @@ def rq_spline(
         c = -s * dy
         discriminant = (bq.square() - 4 * a * c).clamp(min=0)
         theta = ((2 * c) / (-bq - discriminant.sqrt())).clamp(0, 1)
+        # The right knot itself is theta = 1 (the root cancels to just under it when d0 >> s).
+        theta = torch.where(dy >= h, torch.ones_like(theta), theta)
 
     t = theta * (1 - theta)
     denominator = s + (d0 + d1 - 2 * s) * t

@@ -36,7 +36,8 @@ class LULinear(Transform):
             lower, upper = torch.tril(lower, -1), torch.triu(upper, 1)
         elif init == "identity":
             perm = torch.arange(features)
-            lower, upper = torch.zeros(2, features, features, dtype=torch.float64)  # two tensors, not one
+            lower = torch.zeros(features, features, dtype=torch.float64)
+            upper = torch.zeros(features, features, dtype=torch.float64)  # its own tensor: .to() may not copy
             sign, log_scale = torch.ones(features, dtype=torch.float64), torch.zeros(features, dtype=torch.float64)
         else:
             raise ValueError(f"nflux: init must be 'orthogonal' or 'identity', got {init!r}")
@@ -50,7 +51,8 @@ class LULinear(Transform):
         self._weight_cache = LUCache()
 
     def _apply_op(self, x, inverse):
-        check_features(self, x, self.perm.numel())
+        if x.dim() == 2:  # the 1x1 conv subclass takes images, checked by the op
+            check_features(self, x, self.perm.numel())
         cached = cached_lu_conv1x1(
             self._weight_cache, x, self.perm, self.lower, self.upper, self.log_scale, self.sign, self.bias,
             inverse=inverse,

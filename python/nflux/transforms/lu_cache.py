@@ -5,12 +5,12 @@ so that gradients reach the factors. When no gradient is needed (sampling, evalu
 factors do not change between calls, so the transform builds the matrix once, keeps it, and
 each call is one GEMM. The cache is keyed on every parameter's version counter and storage
 address: an optimizer step, `load_state_dict`, an in-place edit or `.to()` changes one of them
-and the next call rebuilds. Edits through `.data` (old-style EMA or weight surgery) bypass the
-version counter, so on the CPU each call also compares the parameters with a copy taken at
-build time (a few [C, C] comparisons, small beside the GEMM). On a GPU that comparison would
-synchronise every call, so there such edits need `torch.no_grad()` instead of `.data`, as
-optimizers and EMA utilities do. The cache is bypassed while torch.compile traces (the compiled
-graph builds W itself) and whenever a parameter requires grad with grad mode on.
+and the next call rebuilds. An edit through `.data` bypasses the version counter and is not
+seen: edit parameters under `torch.no_grad()` instead, as optimizers and EMA utilities do.
+(Comparing values on every call would see it, but cost a third of a small LULinear's call on
+the CPU and a synchronisation per call on a GPU.) The cache is bypassed while torch.compile
+traces (the compiled graph builds W itself) and whenever a parameter requires grad with grad
+mode on.
 """
 
 from __future__ import annotations
@@ -87,14 +87,11 @@ class LUCache:
         key = (torch.is_inference_mode_enabled(),) + tuple(
             None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors
         )
-        present = [t for t in tensors if t is not None]
-        if key != self._key or not all(torch.equal(t, held) for t, held in zip(present, self._held)
-                                       if held.device.type == "cpu"):
+        if key != self._key:
             self._key, self._entries = key, {}
-            # CPU: a copy of the values, compared on every call (above). Elsewhere: the tensors
-            # themselves, whose storage then stays alive, so no new parameter can reuse an
+            # Holding the tensors keeps their storage alive, so no new parameter can reuse an
             # address (and a fresh version count) and pass for the old one.
-            self._held = [t.detach().clone() if t.device.type == "cpu" else t.detach() for t in present]
+            self._held = [t.detach() for t in tensors if t is not None]
         if inverse not in self._entries:
             with torch.no_grad():
                 self._entries[inverse] = build()
