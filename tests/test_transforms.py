@@ -33,20 +33,24 @@ def _make(name: str, context: int):
         "random_perm": lambda: T.RandomPermutation(D, seed=2),
         "compose": lambda: T.Compose(T.ActNorm(D), T.LULinear(D),
                                      T.AffineCoupling(D, T.half_mask(D), context=context, hidden=h)),
+        "context_affine": lambda: T.ContextAffine(D, context, hidden=h),
     }
     torch.manual_seed(0)
     return perturb(makers[name]().double()).eval()
 
 
 NAMES = ["additive_alternating", "affine_half", "affine_random_sigmoid", "affine_user_clamp", "spline_coupling",
-         "maf", "maf_residual", "spline_ar", "iaf", "actnorm", "lu_linear", "reverse", "random_perm", "compose"]
+         "maf", "maf_residual", "spline_ar", "iaf", "actnorm", "lu_linear", "reverse", "random_perm", "compose",
+         "context_affine"]
 CONDITIONAL = {"additive_alternating", "affine_half", "affine_random_sigmoid", "affine_user_clamp",
-               "spline_coupling", "maf", "maf_residual", "spline_ar", "iaf", "compose"}
+               "spline_coupling", "maf", "maf_residual", "spline_ar", "iaf", "compose", "context_affine"}
+ONLY_CONDITIONAL = {"context_affine"}
 
 
 def _cases():
     for name in NAMES:
-        yield name, 0
+        if name not in ONLY_CONDITIONAL:
+            yield name, 0
         if name in CONDITIONAL:
             yield name, C
 
@@ -65,7 +69,7 @@ def test_jacobian_and_round_trip(name, context):
     torch.testing.assert_close(lad_inv, brute_logabsdet(t.inverse, y, c), atol=1e-8, rtol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["affine_half", "spline_coupling", "maf"])
+@pytest.mark.parametrize("name", ["affine_half", "spline_coupling", "maf", "context_affine"])
 def test_context_changes_output(name):
     t = _make(name, C)
     x = torch.randn(B, D, dtype=torch.float64)
@@ -191,3 +195,22 @@ def test_conditioner_context_width_is_checked():
     t = T.AffineCoupling(D, T.half_mask(D), context=C, hidden=(8,))
     with pytest.raises(ValueError, match=rf"needs a context \[\.\.\., {C}\], got \[{B}, {C + 1}\]"):
         t(torch.randn(B, D), torch.randn(B, C + 1))
+
+
+@pytest.mark.parametrize("autoregressive", [False, True])
+def test_conditional_nsf_follows_the_context_beyond_the_tail_bound(autoregressive):
+    """The splines are the identity outside [-tail_bound, tail_bound], where they ignore the
+    context; the ContextAffine in front lets a conditional NSF's density there depend on it."""
+    import nflux
+
+    def density_beyond_the_bound(context_affine):
+        torch.manual_seed(0)
+        flow = perturb(nflux.NSF(2, context=C, layers=2, hidden=(16,), autoregressive=autoregressive,
+                                 context_affine=context_affine).double(), 0.5).eval()
+        x = torch.full((4, 2), 50.0, dtype=torch.float64)  # far past tail_bound 3, after the ActNorm too
+        return flow.log_prob(x, torch.randn(4, C, dtype=torch.float64) * 2)
+
+    lp = density_beyond_the_bound(False)
+    torch.testing.assert_close(lp, lp[:1].expand(4))  # the base density's tail, whatever the context
+    lp = density_beyond_the_bound(True)
+    assert (lp - lp[0]).abs().max() > 1e-3

@@ -5,14 +5,17 @@ from __future__ import annotations
 from typing import Sequence
 
 from nflux.flow import Flow, StandardNormal
-from nflux.transforms import ActNorm, MaskedSplineAutoregressive, SplineCoupling, alternating_mask
+from nflux.transforms import ActNorm, ContextAffine, MaskedSplineAutoregressive, SplineCoupling, alternating_mask
 
 
 class NSF(Flow):
     """Rational-quadratic neural spline flow.
 
     An ActNorm (data-initialised) maps the input into the spline's range, so data with values
-    in the tens work out of the box; then `layers` spline layers with `bins` bins on
+    in the tens work out of the box; with a context, a `ContextAffine` then moves and scales
+    each context's density into that range (`context_affine=False` leaves it out: the splines'
+    identity tails then ignore the context, so a conditional density outside
+    [-tail_bound, tail_bound] after the ActNorm cannot follow it); then `layers` spline layers with `bins` bins on
     [-tail_bound, tail_bound] (identity tails), each starting at the identity:
     coupling (`autoregressive=False`, alternating masks, MLP conditioners) or autoregressive
     (MADE, orderings alternating natural / reversed; sampling by one-pass inversion).
@@ -20,7 +23,7 @@ class NSF(Flow):
 
     def __init__(self, features: int, *, context: int = 0, layers: int = 5, hidden: Sequence[int] = (128, 128),
                  bins: int = 8, tail_bound: float = 3.0, autoregressive: bool = False, residual: bool = False,
-                 activation: str = "relu"):
+                 activation: str = "relu", context_affine: bool = True):
         if layers < 1:
             raise ValueError(f"nflux: layers must be >= 1, got {layers}")
         if residual and not autoregressive:
@@ -28,6 +31,8 @@ class NSF(Flow):
         if not autoregressive and features < 2:
             raise ValueError("nflux: a coupling NSF needs features >= 2 (use autoregressive=True)")
         transforms = [ActNorm(features)]
+        if context and context_affine:
+            transforms.append(ContextAffine(features, context, hidden=hidden, activation=activation))
         for i in range(layers):
             if autoregressive:
                 transforms.append(MaskedSplineAutoregressive(
@@ -39,7 +44,8 @@ class NSF(Flow):
                     tail_bound=tail_bound, activation=activation))
         super().__init__(transforms, StandardNormal(features), context=context)
         self.config = dict(features=features, context=context, layers=layers, hidden=tuple(hidden), bins=bins,
-                           tail_bound=tail_bound, autoregressive=autoregressive, residual=residual)
+                           tail_bound=tail_bound, autoregressive=autoregressive, residual=residual,
+                           context_affine=bool(context and context_affine))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config.items())

@@ -5,6 +5,7 @@ from nflux.transforms.base import Compose, Inverse, Transform
 from nflux.transforms.coupling import (
     AdditiveCoupling,
     AffineCoupling,
+    ContextAffine,
     SplineCoupling,
     alternating_mask,
     half_mask,
@@ -29,7 +30,7 @@ from nflux.transforms.preprocess import Dequantize, Logit, Shift, bits_per_dim, 
 from nflux.transforms.permutation import Permutation, RandomPermutation, ReversePermutation
 
 __all__ = [
-    "ActNorm", "AdditiveCoupling", "AffineCoupling", "Compose", "Inverse", "LULinear",
+    "ActNorm", "AdditiveCoupling", "AffineCoupling", "Compose", "ContextAffine", "Inverse", "LULinear",
     "MaskedAffineAutoregressive", "MaskedSplineAutoregressive", "Permutation", "RandomPermutation",
     "ReversePermutation", "SplineCoupling", "Transform", "alternating_mask", "half_mask", "random_mask",
     "ActNorm2d", "ActNormInvConv1x1", "ChannelCoupling", "CheckerboardCoupling", "ContextPrior2d", "Dequantize", "FactorOut",

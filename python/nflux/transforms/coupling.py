@@ -121,6 +121,40 @@ class AffineCoupling(_Coupling):
         return f"{super().extra_repr()}, scale={self.scale}, clamp={self.clamp}"
 
 
+class ContextAffine(Transform):
+    """y = x * exp(s(c)) + t(c) per feature, (t, s) from an MLP of the context alone
+    (zero-initialised: the identity; s soft-clamped to +-clamp).
+
+    A conditional spline flow puts one first: its splines are the identity outside
+    [-tail_bound, tail_bound], where they ignore the context, so a conditional density (an sbi
+    posterior) that sits outside that range for some contexts, or is much narrower than the
+    data, could not be placed there. This layer moves and scales each context's density into
+    the splines' range.
+    """
+
+    def __init__(self, features: int, context: int, *, hidden: Sequence[int] = (128, 128),
+                 activation: str = "relu", clamp: float | None = 5.0):
+        super().__init__()
+        if context < 1:
+            raise ValueError(f"nflux: ContextAffine needs a context (context >= 1), got {context}")
+        self.features, self.clamp = features, clamp
+        self.net = MLP(0, (features, features), hidden, context=context, activation=activation)
+
+    def _run(self, x, context, inverse):
+        check_features(self, x, self.features)
+        shift, logits = self.net(x[:, :0], context)  # no input feature: the context alone
+        return ops.affine_coupling(x, shift, logits, clamp=self.clamp, inverse=inverse)
+
+    def forward(self, x, context=None):
+        return self._run(x, context, False)
+
+    def inverse(self, y, context=None):
+        return self._run(y, context, True)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, clamp={self.clamp}"
+
+
 class SplineCoupling(_Coupling):
     """Coupling NSF (Durkan et al. 2019): y_b = RQS(x_b; net(x_a, context)), K bins on
     [-tail_bound, tail_bound], identity tails. Initialised to the identity."""
