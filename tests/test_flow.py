@@ -186,3 +186,28 @@ def test_actnorm_init_on_a_broadcast_point_keeps_unit_scale():
     y, _ = constant(torch.cat([torch.randn(50, 2), torch.full((50, 1), 4.0)], 1))
     torch.testing.assert_close(constant.s0[2], torch.tensor(0.0), atol=1e-5, rtol=0)
     torch.testing.assert_close(y[:, 2], torch.zeros(50))
+
+
+@pytest.mark.parametrize("model", [nflux.NSF, nflux.MAF, nflux.RealNVP])
+def test_context_in_raw_units_is_standardised(model):
+    """The models standardise the context with an ActNorm set by the first training-mode density
+    call: contexts in raw units (observations in the hundreds) give the flow standardised ones,
+    so a flow fed c * 100 + 1000 computes what one fed c does."""
+    c = torch.randn(64, C, dtype=torch.float64)
+    x = torch.randn(64, D, dtype=torch.float64)
+    flows = []
+    for context in (c, c * 100 + 1000):
+        torch.manual_seed(0)
+        flow = model(D, context=C, layers=2, hidden=(16,)).double()
+        assert not bool(flow.context_norm.initialized)
+        flow.sample((2,), context=context[:3])  # sampling does not set the statistics
+        assert not bool(flow.context_norm.initialized)
+        flow.log_prob(x, context)
+        normed = flow.context_norm(context)[0]
+        torch.testing.assert_close(normed.mean(0), torch.zeros(C, dtype=torch.float64), atol=1e-9, rtol=0)
+        torch.testing.assert_close(normed.std(0, correction=0), torch.ones(C, dtype=torch.float64), atol=1e-5, rtol=0)  # eps
+        perturb(flow.transforms)  # off the identity init, so the conditioners use the context
+        flows.append((flow, context))
+    (a, ca), (b, cb) = flows
+    torch.testing.assert_close(a.log_prob(x, ca), b.log_prob(x, cb), atol=1e-4, rtol=1e-5)  # ActNorm's eps
+    assert nflux.NSF(D).context_norm is None

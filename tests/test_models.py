@@ -47,7 +47,7 @@ def test_jacobian_round_trip_sampling(name, context):
     flow = _model(name, context)
     x, c = _inputs(context)
     z, lad = flow.transform(x, c)
-    torch.testing.assert_close(lad, brute_logabsdet(flow.transforms, x, c), atol=1e-7, rtol=1e-7)
+    torch.testing.assert_close(lad, brute_logabsdet(flow.transform, x, c), atol=1e-7, rtol=1e-7)
     torch.testing.assert_close(flow.inverse(z, c)[0], x, atol=1e-7, rtol=1e-7)
     base = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
     torch.testing.assert_close(flow.log_prob(x, c), base + lad)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributions import Distribution, constraints
 
 from nflux.transforms.base import Compose
+from nflux.transforms.normalization import ActNorm
 
 
 class StandardNormal(nn.Module):
@@ -87,13 +88,18 @@ class Flow(nn.Module):
         context: the context's width C, if the transform takes one (0: it takes none). Every
             call checks the context against it, so a wrong width is a `ValueError` naming both,
             not a shape error deep in a conditioner. None (the default) checks nothing.
+        context_norm: standardise the context before the transform sees it, with an ActNorm
+            initialised by the first training-mode density call (`log_prob`, `transform`), so
+            contexts in raw units (observations in the hundreds) train as well as standardised
+            ones; sampling and `inverse` use it without initialising it. Needs `context` > 0.
+            The five model families turn it on for conditional flows.
 
     Calling the flow (`flow(x, context)`) is `log_prob`. `sample_shape` arguments take an int n
     as `(n,)`.
     """
 
     def __init__(self, transform: nn.Module | Sequence[nn.Module], base: nn.Module | int, *,
-                 context: int | None = None):
+                 context: int | None = None, context_norm: bool = False):
         super().__init__()
         self.transforms = Compose(*transform) if isinstance(transform, (list, tuple)) else transform
         if isinstance(base, numbers.Integral):
@@ -103,6 +109,9 @@ class Flow(nn.Module):
         self.base = base
         self.features = int(self.base.features)
         self.context_features = None if context is None else int(context)
+        if context_norm and not self.context_features:
+            raise ValueError("nflux: context_norm needs the context's width (context > 0)")
+        self.context_norm = ActNorm(self.context_features) if context_norm else None
 
     # --- shape plumbing -------------------------------------------------------------
     def _check_context(self, context: torch.Tensor | None) -> None:
@@ -116,12 +125,20 @@ class Flow(nn.Module):
         if context is not None and (context.dim() == 0 or context.shape[-1] != C):
             raise ValueError(f"nflux: expected a context [..., {C}], got {list(context.shape)}")
 
-    def _flatten(self, x: torch.Tensor, context: torch.Tensor | None):
+    def _flatten(self, x: torch.Tensor, context: torch.Tensor | None, init_context: bool = True):
         D = self.features
         if x.dim() == 0 or x.shape[-1] != D:
             raise ValueError(f"nflux: expected inputs with {D} features in the last dim, got {list(x.shape)}")
         self._check_context(context)
-        return self._flatten_events(x, context, (D,))
+        x2, c2, batch = self._flatten_events(x, context, (D,))
+        return x2, self._normalize_context(c2, init_context), batch
+
+    def _normalize_context(self, context: torch.Tensor | None, init: bool):
+        """The context through `context_norm` (if any); `init`: a density call, which may set
+        its statistics."""
+        if self.context_norm is None or context is None:
+            return context
+        return self.context_norm(context)[0] if init else self.context_norm.apply_without_init(context)
 
     @staticmethod
     def _flatten_events(x, context, event_shape):
@@ -152,7 +169,7 @@ class Flow(nn.Module):
 
     def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None):
         """(x, log|det dx/dz|) for z `[*batch, D]`."""
-        z2, c2, batch = self._flatten(z, context)
+        z2, c2, batch = self._flatten(z, context, init_context=False)
         x, lad = self.transforms.inverse(z2, c2)
         return x.reshape(*batch, self.features), lad.reshape(batch)
 
@@ -169,6 +186,7 @@ class Flow(nn.Module):
     def _draw(self, sample_shape, context):
         self._check_context(context)
         shape, context = self._sample_batch(sample_shape, context)
+        context = self._normalize_context(context, init=False)
         z = self.base.sample((math.prod(shape),))
         x, lad = self.transforms.inverse(z, context)
         log_prob = self.base.log_prob(z) - lad

@@ -24,7 +24,7 @@ class MAF(Flow):
             t = MaskedAffineAutoregressive(features, context=context, hidden=hidden, residual=residual,
                                            ordering="natural" if i % 2 == 0 else "reversed", activation=activation)
             transforms.append(Inverse(t) if self.inverted else t)
-        super().__init__(transforms, StandardNormal(features), context=context)
+        super().__init__(transforms, StandardNormal(features), context=context, context_norm=context > 0)
         self.config = dict(features=features, context=context, layers=layers, hidden=tuple(hidden),
                            residual=residual)
 

@@ -30,7 +30,7 @@ class NICE(Flow):
             for i in range(layers)
         ]
         transforms.append(ActNorm(features, data_init=False))
-        super().__init__(transforms, StandardNormal(features), context=context)
+        super().__init__(transforms, StandardNormal(features), context=context, context_norm=context > 0)
         self.config = dict(features=features, context=context, layers=layers, hidden=tuple(hidden))
 
     def extra_repr(self) -> str:
@@ -50,7 +50,7 @@ class RealNVP(NICE):
                            activation=activation, scale="exp", clamp=clamp)
             for i in range(layers)
         ]
-        Flow.__init__(self, transforms, StandardNormal(features), context=context)
+        Flow.__init__(self, transforms, StandardNormal(features), context=context, context_norm=context > 0)
         self.config = dict(features=features, context=context, layers=layers, hidden=tuple(hidden), clamp=clamp)
 
     #: `RealNVP.image(shape=(C, H, W), *, levels=2, hidden=64, ...)`: the multi-scale image
@@ -73,7 +73,7 @@ class Glow(NICE):
                 AffineCoupling(features, half_mask(features, i % 2 == 0), context=context, hidden=hidden,
                                activation=activation, scale="sigmoid"),
             ]
-        Flow.__init__(self, transforms, StandardNormal(features), context=context)
+        Flow.__init__(self, transforms, StandardNormal(features), context=context, context_norm=context > 0)
         self.config = dict(features=features, context=context, layers=layers, hidden=tuple(hidden))
 
     #: `Glow.image(shape=(C, H, W), *, levels=3, steps=8, hidden=512, ...)`: the multi-scale

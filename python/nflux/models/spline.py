@@ -42,7 +42,7 @@ class NSF(Flow):
                 transforms.append(SplineCoupling(
                     features, alternating_mask(features, i % 2), context=context, hidden=hidden, bins=bins,
                     tail_bound=tail_bound, activation=activation))
-        super().__init__(transforms, StandardNormal(features), context=context)
+        super().__init__(transforms, StandardNormal(features), context=context, context_norm=context > 0)
         self.config = dict(features=features, context=context, layers=layers, hidden=tuple(hidden), bins=bins,
                            tail_bound=tail_bound, autoregressive=autoregressive, residual=residual,
                            context_affine=bool(context and context_affine))

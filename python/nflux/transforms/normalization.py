@@ -71,7 +71,14 @@ class ActNorm(Transform):
         return mean, torch.where(std > 0, std, torch.ones_like(std))
 
     def forward(self, x, context=None):
-        b0, s0 = self._offsets(x)
+        return self._affine(x, *self._offsets(x))
+
+    def apply_without_init(self, x: torch.Tensor) -> torch.Tensor:
+        """The map as it stands (the identity before the data init), never initialising: for
+        inputs that must not set the statistics (a flow's sampling contexts)."""
+        return self._affine(x, self.b0, self.s0)[0]
+
+    def _affine(self, x, b0, s0):
         log_scale = self.log_scale + s0
         y = (x + (self.bias + b0)) * torch.exp(log_scale)
         return y, log_scale.sum().expand(x.shape[0])
