@@ -29,6 +29,20 @@ class Transform(nn.Module):
         raise NotImplementedError
 
 
+class TwoWayTransform(Transform):
+    """A transform whose two directions are one computation: subclasses implement
+    `_run(x, context, inverse)`."""
+
+    def _run(self, x, context, inverse: bool):  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x, context=None):
+        return self._run(x, context, False)
+
+    def inverse(self, y, context=None):
+        return self._run(y, context, True)
+
+
 class Compose(Transform):
     """T_n o ... o T_1 for `Compose(T_1, ..., T_n)`: forward runs T_1 first, inverse T_n first;
     log-determinants add. The same context reaches every member."""

@@ -16,7 +16,7 @@ import torch
 
 from nflux import ops
 from nflux.nets.mlp import MLP
-from nflux.transforms.base import Transform, check_features
+from nflux.transforms.base import TwoWayTransform, check_features
 
 
 def alternating_mask(features: int, parity: int = 0) -> torch.Tensor:
@@ -38,7 +38,7 @@ def random_mask(features: int, seed: int = 0) -> torch.Tensor:
     return mask
 
 
-class _Coupling(Transform):
+class _Coupling(TwoWayTransform):
     """Shared split / merge logic; subclasses define the parameter count and the elementwise map."""
 
     params_per_feature: int = 1
@@ -76,12 +76,6 @@ class _Coupling(Transform):
         params = self.net(x_keep, context)
         y_change, lad = self._map(x_change, params, inverse)
         return torch.cat([x_keep, y_change], 1).index_select(1, self.merge_idx), lad
-
-    def forward(self, x, context=None):
-        return self._run(x, context, False)
-
-    def inverse(self, y, context=None):
-        return self._run(y, context, True)
 
     def extra_repr(self) -> str:
         return f"features={self.features}, mask={''.join('1' if m else '0' for m in self.mask.tolist())}"
@@ -121,7 +115,7 @@ class AffineCoupling(_Coupling):
         return f"{super().extra_repr()}, scale={self.scale}, clamp={self.clamp}"
 
 
-class ContextAffine(Transform):
+class ContextAffine(TwoWayTransform):
     """y = x * exp(s(c)) + t(c) per feature, (t, s) from an MLP of the context alone
     (zero-initialised: the identity; s soft-clamped to +-clamp).
 
@@ -144,12 +138,6 @@ class ContextAffine(Transform):
         check_features(self, x, self.features)
         shift, logits = self.net(x[:, :0], context)  # no input feature: the context alone
         return ops.affine_coupling(x, shift, logits, clamp=self.clamp, inverse=inverse)
-
-    def forward(self, x, context=None):
-        return self._run(x, context, False)
-
-    def inverse(self, y, context=None):
-        return self._run(y, context, True)
 
     def extra_repr(self) -> str:
         return f"features={self.features}, clamp={self.clamp}"

@@ -21,7 +21,7 @@ from torch import nn
 from nflux import ops
 from nflux.ops.lu_conv1x1 import _fold_actnorm_scale
 from nflux.nets.conv import GlowConv, ResNetConv, ZeroConvHeads
-from nflux.transforms.base import Compose, Transform
+from nflux.transforms.base import Compose, Transform, TwoWayTransform
 from nflux.transforms.linear import LULinear
 from nflux.transforms.lu_cache import cached_lu_conv1x1
 from nflux.transforms.normalization import ActNorm
@@ -157,7 +157,7 @@ def _conditioner(kind: str, in_channels: int, out_channels: Sequence[int], hidde
     raise ValueError(f"nflux: conditioner must be 'resnet' or 'glow', got {kind!r}")
 
 
-class CheckerboardCoupling(Transform):
+class CheckerboardCoupling(TwoWayTransform):
     """RealNVP's checkerboard affine coupling on `[B, C, H, W]`.
 
     With m the checkerboard mask (1 on the kept pixels, `checkerboard_mask(H, W, parity)`),
@@ -183,17 +183,11 @@ class CheckerboardCoupling(Transform):
         keep = 1 - mask
         return ops.affine_coupling(x, shift * keep, logits * keep, scale="exp", clamp=self.clamp, inverse=inverse)
 
-    def forward(self, x, context=None):
-        return self._run(x, context, False)
-
-    def inverse(self, y, context=None):
-        return self._run(y, context, True)
-
     def extra_repr(self) -> str:
         return f"channels={self.channels}, parity={self.parity}, clamp={self.clamp}"
 
 
-class ChannelCoupling(Transform):
+class ChannelCoupling(TwoWayTransform):
     """Affine coupling on a channel split of `[B, C, H, W]` (RealNVP's channel mask, Glow's
     coupling). The first C//2 channels condition the rest (`parity=1`: the last C - C//2
     condition the first); (t, s) = net(x_a) and x_b -> x_b * scale(s) + t, by
@@ -227,12 +221,6 @@ class ChannelCoupling(Transform):
         yb, lad = ops.affine_coupling(xb.contiguous(), shift, logits, scale=self.scale, clamp=self.clamp,
                                       inverse=inverse)
         return (torch.cat([xa, yb], 1) if self.parity == 0 else torch.cat([yb, xa], 1)), lad
-
-    def forward(self, x, context=None):
-        return self._run(x, context, False)
-
-    def inverse(self, y, context=None):
-        return self._run(y, context, True)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, parity={self.parity}, scale={self.scale}, clamp={self.clamp}"
