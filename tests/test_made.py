@@ -147,3 +147,6 @@ def test_bad_arguments():
         MADE(3, 2, (8,), context_features=1)(torch.randn(2, 3))
     with pytest.raises(ValueError, match="width >= 1"):
         MADE(3, 2, (0,))
+    with pytest.raises(ValueError, match="ordering"):  # int() would have truncated it to 0, 1, 2
+        MADE(3, 2, (8,), ordering=[0.5, 1.2, 2.9])
+    assert MADE(3, 2, (8,), ordering=torch.tensor([2, 0, 1])).degrees[:3] == [2, 3, 1]

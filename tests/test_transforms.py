@@ -214,3 +214,9 @@ def test_conditional_nsf_follows_the_context_beyond_the_tail_bound(autoregressiv
     torch.testing.assert_close(lp, lp[:1].expand(4))  # the base density's tail, whatever the context
     lp = density_beyond_the_bound(True)
     assert (lp - lp[0]).abs().max() > 1e-3
+
+
+def test_alternating_mask_parity_is_checked():
+    assert T.alternating_mask(4, 1).tolist() == [False, True, False, True]
+    with pytest.raises(ValueError, match="parity must be 0 or 1"):
+        T.alternating_mask(4, 2)

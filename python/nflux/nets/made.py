@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
@@ -33,7 +34,10 @@ def input_degrees(features: int, ordering: str | Sequence[int] = "natural", seed
         else:
             raise ValueError(f"nflux: ordering must be natural, reversed, random or a permutation, got {ordering!r}")
     else:
-        order = [int(i) for i in ordering]
+        try:  # indices, not values int() would truncate (0.5, 1.2, 2.9 is no ordering)
+            order = [operator.index(i) for i in ordering]
+        except TypeError:
+            raise ValueError(f"nflux: ordering must be a permutation of 0..{features - 1}, got {list(ordering)}") from None
         if sorted(order) != list(range(features)):
             raise ValueError(f"nflux: ordering must be a permutation of 0..{features - 1}, got {order}")
     degrees = [0] * features

@@ -21,6 +21,8 @@ from nflux.transforms.base import TwoWayTransform, check_features
 
 def alternating_mask(features: int, parity: int = 0) -> torch.Tensor:
     """True at every other feature, starting with feature `parity` (0 or 1)."""
+    if parity not in (0, 1):
+        raise ValueError(f"nflux: parity must be 0 or 1, got {parity!r}")
     return torch.arange(features) % 2 == parity
 
 
