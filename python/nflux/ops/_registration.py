@@ -7,6 +7,16 @@ from typing import Callable, Sequence
 import torch
 
 
+def batch_first(t: torch.Tensor, dim: int | None, size: int) -> torch.Tensor:
+    """A vmap rule's argument with its vmapped dim first (`dim` None: expanded to `size`)."""
+    return t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def batch_index(t: torch.Tensor | None, dim: int | None, i: int) -> torch.Tensor | None:
+    """Index i of a vmap rule's argument along its vmapped dim (unbatched: the argument)."""
+    return t if t is None or dim is None else t.select(dim, i)
+
+
 def register_elementwise_vmap(qualname: str, tensor_args: int, outputs: int) -> None:
     """vmap rule for an op whose first `tensor_args` arguments share leading dimensions.
 
@@ -18,12 +28,7 @@ def register_elementwise_vmap(qualname: str, tensor_args: int, outputs: int) -> 
         op = getattr(op, part)
 
     def rule(info, in_dims, *args):
-        size = info.batch_size
-        moved = []
-        for arg, dim in zip(args[:tensor_args], in_dims[:tensor_args]):
-            moved.append(
-                arg.expand(size, *arg.shape) if dim is None else arg.movedim(dim, 0)
-            )
+        moved = [batch_first(arg, dim, info.batch_size) for arg, dim in zip(args[:tensor_args], in_dims[:tensor_args])]
         result = op(*moved, *args[tensor_args:])
         return result, (0,) * outputs
 

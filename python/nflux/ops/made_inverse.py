@@ -13,6 +13,7 @@ import torch
 
 from nflux import _extension
 from nflux.ops import _autocast, reference
+from nflux.ops._registration import batch_first, batch_index
 from nflux.ops._checks import check_made_inverse_args, check_rq_spline_args
 
 # made_inverse runs natively in float32/float64 only; half types take the reference.
@@ -91,7 +92,8 @@ def _refuse_forward_mode() -> None:
     """The op's autograd has no forward-mode rule, and under torch.func.jvp / jacfwd torch would
     hand back zero tangents rather than fail: refuse, as the C++-autograd ops do. (Not while
     torch.compile traces: dynamo cannot trace the interpreter stack, and compiles no jvp.)"""
-    if torch.compiler.is_compiling():
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)  # one cheap query
+    if torch.compiler.is_compiling() or not transforms_active():
         return
     stack = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)()
     if stack and any(level.key() == torch._C._functorch.TransformType.Jvp for level in stack):
@@ -106,21 +108,17 @@ def _vmap(info, in_dims, y, weights, biases, degrees, context_terms, *options):
     network is shared; a vmapped network (per-index weights) takes one call per index."""
     n = info.batch_size
     y_dim, w_dims, b_dims, _, c_dims = in_dims[:5]
-
-    def front(t, dim):
-        return t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
-
     if any(d is not None for d in (*w_dims, *b_dims)):
         outs = [
             torch.ops.nflux.made_inverse(
-                front(y, y_dim)[i], [front(w, d)[i] for w, d in zip(weights, w_dims)],
-                [front(b, d)[i] for b, d in zip(biases, b_dims)], degrees,
-                [front(t, d)[i] for t, d in zip(context_terms, c_dims)], *options)
+                batch_index(y, y_dim, i), [batch_index(w, d, i) for w, d in zip(weights, w_dims)],
+                [batch_index(b, d, i) for b, d in zip(biases, b_dims)], degrees,
+                [batch_index(t, d, i) for t, d in zip(context_terms, c_dims)], *options)
             for i in range(n)
         ]
         return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
-    rows = front(y, y_dim)
-    flat = lambda t, d: front(t, d).reshape(-1, t.shape[-1])  # noqa: E731
+    rows = batch_first(y, y_dim, n)
+    flat = lambda t, d: batch_first(t, d, n).reshape(-1, t.shape[-1])  # noqa: E731
     x, lad = torch.ops.nflux.made_inverse(
         rows.reshape(-1, rows.shape[-1]), weights, biases, degrees,
         [flat(t, d) for t, d in zip(context_terms, c_dims)], *options)

@@ -8,6 +8,7 @@ import torch
 
 from nflux import _extension
 from nflux.ops import _autocast, reference
+from nflux.ops._registration import batch_first, batch_index
 from nflux.ops._checks import check_masked_linear_args, check_masked_linear_blocks
 
 # What one extra GEMM call costs, in multiply-adds per batch row (call, packing and the
@@ -56,7 +57,7 @@ def masked_linear(
     if _extension.native(input, _NATIVE_DTYPES):
         return torch.ops.nflux.masked_linear(input, weight, bias, mask, blocks)
     _extension.warn_fallback("masked_linear", input)
-    return reference.masked_linear(input, weight, bias, mask)
+    return reference.masked_product(input, weight, bias, mask)  # the arguments are checked above
 
 
 def masked_linear_blocks(mask: torch.Tensor, overhead: int = BLOCK_OVERHEAD) -> list[int]:
@@ -131,10 +132,9 @@ def _vmap(info, in_dims, input, weight, bias, mask, blocks=()):
     in_dim, *param_dims = in_dims[:4]
     op = torch.ops.nflux.masked_linear
     if all(d is None for d in param_dims):
-        x = input.expand(info.batch_size, *input.shape) if in_dim is None else input.movedim(in_dim, 0)
-        return op(x, weight, bias, mask, blocks), 0
-    pick = lambda t, d, i: t if t is None or d is None else t.select(d, i)  # noqa: E731
-    outs = [op(pick(input, in_dim, i), *(pick(t, d, i) for t, d in zip((weight, bias, mask), param_dims)), blocks)
+        return op(batch_first(input, in_dim, info.batch_size), weight, bias, mask, blocks), 0
+    outs = [op(batch_index(input, in_dim, i),
+               *(batch_index(t, d, i) for t, d in zip((weight, bias, mask), param_dims)), blocks)
             for i in range(info.batch_size)]
     return torch.stack(outs), 0
 

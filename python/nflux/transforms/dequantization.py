@@ -60,8 +60,7 @@ class VariationalDequantize(_Dequantizer):
     def sample(self, x: torch.Tensor, noise: bool | None = None):
         """(y, log q(u | x)): y = (x + u) / L with u ~ q(u | x); `noise=False` takes eps = 0
         (a deterministic point of q, not a sample)."""
-        if not x.is_floating_point():  # uint8 / int64 images: in the feature net's dtype
-            x = x.to(self.features[0].weight.dtype)
+        x = self._floating(x, self.features[0].weight.dtype)  # in the feature net's dtype
         eps = torch.randn_like(x) if noise is None or noise else torch.zeros_like(x)
         u, log_q = self.log_q(x, eps)
         return (x + u) / self.levels, log_q

@@ -57,6 +57,11 @@ class _Dequantizer(nn.Module):
     def quantize(self, y: torch.Tensor) -> torch.Tensor:
         return quantize(y, self.levels)
 
+    @staticmethod
+    def _floating(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Integer-typed images (uint8, int64) in `dtype`: the noise needs a float dtype."""
+        return x if x.is_floating_point() else x.to(dtype)
+
 
 class Dequantize(_Dequantizer):
     """Uniform dequantisation: integer images x (levels 0..L-1) -> (x + u) / L in [0, 1).
@@ -72,8 +77,7 @@ class Dequantize(_Dequantizer):
 
     def forward(self, x: torch.Tensor, noise: bool | None = None) -> torch.Tensor:
         noise = self.noise if noise is None else noise
-        if not x.is_floating_point():  # uint8 / int64 images: rand_like needs a float dtype
-            x = x.to(torch.get_default_dtype())
+        x = self._floating(x, torch.get_default_dtype())
         u = torch.rand_like(x) if noise else torch.full_like(x, 0.5)
         return (x + u) / self.levels
 
