@@ -5,9 +5,9 @@ forward+backward and inverse, the ratios to nflux, and the memory of forward+bac
 
   coupling: nflux.ops.affine_coupling(x, shift, logits) (scale="exp"); unfused is
             s = exp(logits); y = x * s + shift; lad = logits.flatten(1).sum(1) with autograd.
-  conv step: ActNorm + invertible 1x1 conv. nflux (actnorm_lu_conv1x1) folds ActNorm's scale
-            into the LU factors and passes its bias as lu_conv1x1's input_shift: one op, one
-            GEMM; unfused is ActNorm in torch, W = P L U built in torch, then conv2d (F.linear
+  conv step: ActNorm + invertible 1x1 conv. nflux (actnorm_lu_conv1x1) passes ActNorm's scale
+            and bias as lu_conv1x1's input_log_scale and input_shift, folded inside the op: one
+            op (one autograd node), one GEMM; unfused is ActNorm in torch, W = P L U built in torch, then conv2d (F.linear
             for tabular); inverse via torch.linalg.inv.
 
 forward+backward is `torch.autograd.backward((y, lad), (gy, glad))` with fixed random

@@ -181,32 +181,35 @@ using OptTensor = std::optional<at::Tensor>;
 TensorPair lu_conv1x1_call(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& lower,
                            const at::Tensor& upper, const at::Tensor& log_scale,
                            const at::Tensor& sign, const OptTensor& bias, bool inverse,
-                           const OptTensor& input_shift) {
+                           const OptTensor& input_shift, const OptTensor& input_log_scale) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nflux::lu_conv1x1", "")
                        .typed<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const OptTensor&, bool, const OptTensor&)>();
-  return op.call(x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift);
+                                         const OptTensor&, bool, const OptTensor&,
+                                         const OptTensor&)>();
+  return op.call(x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift,
+                 input_log_scale);
 }
 
-using SixTensors =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using SevenTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor, at::Tensor>;
 
-SixTensors lu_conv1x1_backward_call(const at::Tensor& grad_y, const at::Tensor& grad_lad,
-                                    const at::Tensor& x, const at::Tensor& perm,
-                                    const at::Tensor& lower, const at::Tensor& upper,
-                                    const at::Tensor& log_scale, const at::Tensor& sign,
-                                    const OptTensor& bias, bool inverse,
-                                    const OptTensor& input_shift) {
+SevenTensors lu_conv1x1_backward_call(const at::Tensor& grad_y, const at::Tensor& grad_lad,
+                                      const at::Tensor& x, const at::Tensor& perm,
+                                      const at::Tensor& lower, const at::Tensor& upper,
+                                      const at::Tensor& log_scale, const at::Tensor& sign,
+                                      const OptTensor& bias, bool inverse,
+                                      const OptTensor& input_shift,
+                                      const OptTensor& input_log_scale) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nflux::lu_conv1x1_backward", "")
-                       .typed<SixTensors(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                         bool, const OptTensor&)>();
+                       .typed<SevenTensors(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                           bool, const OptTensor&, const OptTensor&)>();
   return op.call(grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias, inverse,
-                 input_shift);
+                 input_shift, input_log_scale);
 }
 
 class LuConv1x1Function : public torch::autograd::Function<LuConv1x1Function> {
@@ -214,13 +217,15 @@ class LuConv1x1Function : public torch::autograd::Function<LuConv1x1Function> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& perm,
                                const at::Tensor& lower, const at::Tensor& upper,
                                const at::Tensor& log_scale, const at::Tensor& sign,
-                               const OptTensor& bias, bool inverse, const OptTensor& input_shift) {
+                               const OptTensor& bias, bool inverse, const OptTensor& input_shift,
+                               const OptTensor& input_log_scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, lad] =
-        lu_conv1x1_call(x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift);
+    auto [y, lad] = lu_conv1x1_call(x, perm, lower, upper, log_scale, sign, bias, inverse,
+                                    input_shift, input_log_scale);
     ctx->save_for_backward({x, perm, lower, upper, log_scale, sign,
                             bias.has_value() ? *bias : at::Tensor(),
-                            input_shift.has_value() ? *input_shift : at::Tensor()});
+                            input_shift.has_value() ? *input_shift : at::Tensor(),
+                            input_log_scale.has_value() ? *input_log_scale : at::Tensor()});
     ctx->saved_data["inverse"] = inverse;
     return {y, lad};
   }
@@ -229,10 +234,12 @@ class LuConv1x1Function : public torch::autograd::Function<LuConv1x1Function> {
     const auto s = ctx->get_saved_variables();
     const auto bias = defined_or_none(s[6]);
     const auto input_shift = defined_or_none(s[7]);
+    const auto input_log_scale = defined_or_none(s[8]);
     BackwardOpGuard guard;
-    auto [grad_x, grad_lower, grad_upper, grad_log_scale, grad_bias, grad_shift] =
+    auto [grad_x, grad_lower, grad_upper, grad_log_scale, grad_bias, grad_shift, grad_in_scale] =
         lu_conv1x1_backward_call(grads[0], grads[1], s[0], s[1], s[2], s[3], s[4], s[5], bias,
-                                 ctx->saved_data["inverse"].toBool(), input_shift);
+                                 ctx->saved_data["inverse"].toBool(), input_shift,
+                                 input_log_scale);
     return {grad_x,
             at::Tensor(),
             grad_lower,
@@ -241,16 +248,18 @@ class LuConv1x1Function : public torch::autograd::Function<LuConv1x1Function> {
             at::Tensor(),
             bias.has_value() ? grad_bias : at::Tensor(),
             at::Tensor(),
-            input_shift.has_value() ? grad_shift : at::Tensor()};
+            input_shift.has_value() ? grad_shift : at::Tensor(),
+            input_log_scale.has_value() ? grad_in_scale : at::Tensor()};
   }
 };
 
 TensorPair lu_conv1x1_autograd(const at::Tensor& x, const at::Tensor& perm,
                                const at::Tensor& lower, const at::Tensor& upper,
                                const at::Tensor& log_scale, const at::Tensor& sign,
-                               const OptTensor& bias, bool inverse, const OptTensor& input_shift) {
-  auto out =
-      LuConv1x1Function::apply(x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift);
+                               const OptTensor& bias, bool inverse, const OptTensor& input_shift,
+                               const OptTensor& input_log_scale) {
+  auto out = LuConv1x1Function::apply(x, perm, lower, upper, log_scale, sign, bias, inverse,
+                                      input_shift, input_log_scale);
   return {out[0], out[1]};
 }
 

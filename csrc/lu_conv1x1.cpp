@@ -1,40 +1,162 @@
 // lu_conv1x1 and lu_conv1x1_backward: Glow's invertible 1x1 convolution (and the LU linear
 // layer of MAF/NSF) with W = P (L + I)(U + diag(sign * exp(log_scale))), P = I[perm].
-// Composed of ATen calls only (the GEMMs go to MKL/cuBLAS), so one CompositeExplicitAutograd
-// kernel serves every device. W (or W^-1, from two triangular solves) is built once per call
-// and the data crosses one batched GEMM on its [B, C, H*W] view, with the bias folded into it.
+// The data side is ATen calls only (the GEMMs go to MKL/cuBLAS), so one
+// CompositeExplicitAutograd kernel serves every device; the [C, C] parameter side takes one
+// host loop on the CPU (see host_fast_path). W (or W^-1, from two triangular solves) is built
+// once per call and the data crosses one batched GEMM on its [B, C, H*W] view, with the bias
+// folded into it.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cmath>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
+#include "lu_conv1x1.h"
 
 namespace nflux {
 namespace {
 
-struct Factors {
-  at::Tensor unit_lower;  // L + I
-  at::Tensor upper_diag;  // U + diag(sign * exp(log_scale))
-  at::Tensor diag;        // sign * exp(log_scale)
+// The op's parameters. input_log_scale (ActNorm's scale, optional) folds into the factors:
+// W diag(exp(s)) = P L (U diag(exp(s)) + D diag(exp(s))) scales U's columns by exp(s) and adds
+// s to log_scale.
+struct LuParams {
+  const at::Tensor& perm;
+  const at::Tensor& lower;
+  const at::Tensor& upper;
+  const at::Tensor& log_scale;
+  const at::Tensor& sign;
+  const std::optional<at::Tensor>& input_log_scale;
 };
 
-Factors make_factors(const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& log_scale,
-                     const at::Tensor& sign) {
-  // Fresh tensors written in place: fewer small kernels than eye + tril + add (this runs below
-  // autograd, called from the C++ autograd kernel).
-  const auto diag = sign * at::exp(log_scale);
-  auto unit_lower = lower.tril(-1);
-  unit_lower.diagonal().fill_(1);
-  auto upper_diag = upper.triu(1);
-  upper_diag.diagonal().copy_(diag);
-  return {unit_lower, upper_diag, diag};
+// The LU factors as dense [C, C] matrices. W = permuted_lower @ upper_diag, one GEMM with no
+// row gather; the inverse solves against unit_lower (a permuted one is not triangular).
+struct Factors {
+  at::Tensor unit_lower;      // L + I (only when asked for)
+  at::Tensor permuted_lower;  // P (L + I): row i is row perm[i] of L + I
+  at::Tensor upper_diag;      // U + diag(sign * exp(log_scale)), input_log_scale folded in
+  // sum(log_scale) (+ sum(input_log_scale)), when the factors were built on the host (else
+  // logabsdet sums the tensors).
+  std::optional<double> log_scale_sum;
+};
+
+std::atomic<bool> host_path_enabled{true};
+
+// Small float/double CPU matrices take one pass over raw memory instead of about ten ATen
+// calls: at C = 64 the calls, not the arithmetic, were most of a small batch's time.
+bool host_fast_path(const at::Tensor& lower) {
+  return lower.is_cpu() &&
+         (lower.scalar_type() == at::kFloat || lower.scalar_type() == at::kDouble) &&
+         host_path_enabled.load(std::memory_order_relaxed);
 }
 
-at::Tensor weight(const Factors& f, const at::Tensor& perm) {
-  return at::mm(f.unit_lower, f.upper_diag).index_select(0, perm);
+// perm as host indices, each checked to lie in [0, C) (they index raw memory below).
+std::vector<int64_t> host_perm(const at::Tensor& perm) {
+  const auto p = perm.contiguous();
+  const int64_t C = p.size(0);
+  std::vector<int64_t> out(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + C);
+  for (const int64_t v : out) {
+    TORCH_CHECK(v >= 0 && v < C, "nflux: perm must be a permutation of range(", C, "), got entry ", v);
+  }
+  return out;
 }
+
+// The parameters as contiguous host arrays, input_log_scale's exponentials computed once.
+template <typename T>
+struct HostParams {
+  at::Tensor lower_t, upper_t, log_scale_t, sign_t, input_log_scale_t;
+  const T *lower, *upper, *log_scale, *sign, *input_log_scale;
+  std::vector<int64_t> perm;
+  std::vector<T> column_scale;  // exp(input_log_scale), or empty
+  int64_t C;
+
+  explicit HostParams(const LuParams& p)
+      : lower_t(p.lower.contiguous()), upper_t(p.upper.contiguous()),
+        log_scale_t(p.log_scale.contiguous()), sign_t(p.sign.contiguous()),
+        lower(lower_t.data_ptr<T>()), upper(upper_t.data_ptr<T>()),
+        log_scale(log_scale_t.data_ptr<T>()), sign(sign_t.data_ptr<T>()),
+        input_log_scale(nullptr), perm(host_perm(p.perm)), C(lower_t.size(0)) {
+    if (p.input_log_scale) {
+      input_log_scale_t = p.input_log_scale->contiguous();
+      input_log_scale = input_log_scale_t.data_ptr<T>();
+      column_scale.resize(C);
+      for (int64_t j = 0; j < C; ++j) column_scale[j] = std::exp(input_log_scale[j]);
+    }
+  }
+  T total_log_scale(int64_t i) const {
+    return input_log_scale ? log_scale[i] + input_log_scale[i] : log_scale[i];
+  }
+  T column(int64_t j) const { return input_log_scale ? column_scale[j] : T(1); }
+};
+
+template <typename T>
+void fill_factors(const HostParams<T>& p, T* unit_lower, T* permuted_lower, T* upper_diag,
+                  double& log_scale_sum) {
+  const int64_t C = p.C;
+  double total = 0;
+  for (int64_t i = 0; i < C; ++i) {
+    const T s = p.total_log_scale(i);
+    total += static_cast<double>(s);
+    const T* l = p.lower + i * C;
+    const T* u = p.upper + i * C;
+    T* ud = upper_diag + i * C;
+    for (int64_t j = 0; j < C; ++j) ud[j] = j > i ? u[j] * p.column(j) : T(0);
+    ud[i] = p.sign[i] * std::exp(s);
+    if (unit_lower != nullptr) {
+      T* ul = unit_lower + i * C;
+      for (int64_t j = 0; j < C; ++j) ul[j] = j < i ? l[j] : T(0);
+      ul[i] = T(1);
+    }
+    const int64_t r = p.perm[i];
+    const T* lr = p.lower + r * C;
+    T* pl = permuted_lower + i * C;
+    for (int64_t j = 0; j < C; ++j) pl[j] = j < r ? lr[j] : T(0);
+    pl[r] = T(1);
+  }
+  log_scale_sum = total;
+}
+
+// Generic path: upper and log_scale with input_log_scale folded in.
+std::pair<at::Tensor, at::Tensor> folded_upper_log_scale(const LuParams& p) {
+  if (!p.input_log_scale) return {p.upper, p.log_scale};
+  return {p.upper * at::exp(*p.input_log_scale), p.log_scale + *p.input_log_scale};
+}
+
+Factors make_factors(const LuParams& p, bool need_unit_lower) {
+  Factors f;
+  if (host_fast_path(p.lower)) {
+    const int64_t C = p.lower.size(0);
+    const auto options = p.lower.options();
+    f.upper_diag = at::empty({C, C}, options);
+    f.permuted_lower = at::empty({C, C}, options);
+    if (need_unit_lower) f.unit_lower = at::empty({C, C}, options);
+    double total = 0;
+    AT_DISPATCH_FLOATING_TYPES(p.lower.scalar_type(), "lu_factors", [&] {
+      fill_factors<scalar_t>(HostParams<scalar_t>(p),
+                             need_unit_lower ? f.unit_lower.data_ptr<scalar_t>() : nullptr,
+                             f.permuted_lower.data_ptr<scalar_t>(),
+                             f.upper_diag.data_ptr<scalar_t>(), total);
+    });
+    f.log_scale_sum = total;
+    return f;
+  }
+  const auto [upper, log_scale] = folded_upper_log_scale(p);
+  // Fresh tensors written in place: fewer small kernels than eye + tril + add.
+  auto unit_lower = p.lower.tril(-1);
+  unit_lower.diagonal().fill_(1);
+  auto upper_diag = upper.triu(1);
+  upper_diag.diagonal().copy_(p.sign * at::exp(log_scale));
+  f.permuted_lower = unit_lower.index_select(0, p.perm);
+  f.unit_lower = unit_lower;
+  f.upper_diag = upper_diag;
+  return f;
+}
+
+at::Tensor weight(const Factors& f) { return at::mm(f.permuted_lower, f.upper_diag); }
 
 // W^-1 = (U + D)^-1 (L + I)^-1 P^T by two triangular solves against P^T = I[:, perm].
 at::Tensor inverse_weight(const Factors& f, const at::Tensor& perm) {
@@ -42,6 +164,76 @@ at::Tensor inverse_weight(const Factors& f, const at::Tensor& perm) {
   const auto z = at::linalg_solve_triangular(f.unit_lower, pt, /*upper=*/false, /*left=*/true,
                                              /*unitriangular=*/true);
   return at::linalg_solve_triangular(f.upper_diag, z, /*upper=*/true);
+}
+
+struct ParameterGrads {
+  at::Tensor lower, upper, log_scale, input_log_scale;  // the last only with input_log_scale
+};
+
+// Gradients of the parameters from dL/dW (W = P L1 UD, L1 = L + I, UD = U' + D):
+// dL/d(P L1) = dL/dW UD^T, whose row i belongs to row perm[i] of L1; dL/dUD = (P L1)^T dL/dW;
+// d UD_ii / d log_scale_i = D_ii; logabsdet adds lad_factor * sum(grad_logabsdet) to each.
+// With input_log_scale s: U' = U diag(exp(s)), so dL/dU = dL/dU' diag(exp(s)), and
+// dL/ds_j = sum_i dL/dU'_ij U'_ij + dL/dlog_scale_j.
+template <typename T>
+void fill_parameter_grads(const HostParams<T>& p, const T* grad_pl, const T* grad_ud,
+                          const T* grad_lad, int64_t B, double lad_factor, T* grad_lower,
+                          T* grad_upper, T* grad_log_scale, T* grad_input_log_scale) {
+  const int64_t C = p.C;
+  double lad_total = 0;
+  for (int64_t b = 0; b < B; ++b) lad_total += static_cast<double>(grad_lad[b]);
+  const T lad_grad = static_cast<T>(lad_factor * lad_total);
+  if (grad_input_log_scale != nullptr) std::fill(grad_input_log_scale, grad_input_log_scale + C, T(0));
+  for (int64_t i = 0; i < C; ++i) {
+    const int64_t r = p.perm[i];
+    const T* gp = grad_pl + i * C;
+    T* gl = grad_lower + r * C;
+    for (int64_t j = 0; j < C; ++j) gl[j] = j < r ? gp[j] : T(0);
+    const T* gu = grad_ud + i * C;
+    const T* u = p.upper + i * C;
+    T* out = grad_upper + i * C;
+    for (int64_t j = 0; j < C; ++j) out[j] = j > i ? gu[j] * p.column(j) : T(0);
+    if (grad_input_log_scale != nullptr) {
+      for (int64_t j = i + 1; j < C; ++j) grad_input_log_scale[j] += out[j] * u[j];
+    }
+    grad_log_scale[i] = gu[i] * p.sign[i] * std::exp(p.total_log_scale(i)) + lad_grad;
+  }
+  if (grad_input_log_scale != nullptr) {
+    for (int64_t j = 0; j < C; ++j) grad_input_log_scale[j] += grad_log_scale[j];
+  }
+}
+
+ParameterGrads parameter_grads(const Factors& f, const at::Tensor& grad_w, const LuParams& p,
+                               const at::Tensor& grad_logabsdet, double lad_factor) {
+  const auto grad_pl = at::mm(grad_w, f.upper_diag.t());
+  auto grad_ud = at::mm(f.permuted_lower.t(), grad_w);
+  ParameterGrads g;
+  if (host_fast_path(grad_w)) {
+    const int64_t C = grad_w.size(0);
+    // Zeroed: a perm with repeats (not a permutation) leaves rows unwritten.
+    g.lower = at::zeros({C, C}, grad_w.options());
+    g.upper = at::empty({C, C}, grad_w.options());
+    g.log_scale = at::empty({C}, grad_w.options());
+    if (p.input_log_scale) g.input_log_scale = at::empty({C}, grad_w.options());
+    const auto gl = grad_logabsdet.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "lu_parameter_grads", [&] {
+      fill_parameter_grads<scalar_t>(
+          HostParams<scalar_t>(p), grad_pl.data_ptr<scalar_t>(), grad_ud.data_ptr<scalar_t>(),
+          gl.data_ptr<scalar_t>(), gl.numel(), lad_factor, g.lower.data_ptr<scalar_t>(),
+          g.upper.data_ptr<scalar_t>(), g.log_scale.data_ptr<scalar_t>(),
+          p.input_log_scale ? g.input_log_scale.data_ptr<scalar_t>() : nullptr);
+    });
+    return g;
+  }
+  const auto [upper, log_scale] = folded_upper_log_scale(p);
+  g.lower = at::zeros_like(grad_pl).index_copy_(0, p.perm, grad_pl).tril_(-1);
+  g.log_scale = (grad_ud.diagonal() * p.sign * at::exp(log_scale)).add_(grad_logabsdet.sum(), lad_factor);
+  g.upper = grad_ud.triu_(1);
+  if (p.input_log_scale) {
+    g.input_log_scale = (g.upper * upper).sum(0) + g.log_scale;
+    g.upper = g.upper * at::exp(*p.input_log_scale);
+  }
+  return g;
 }
 
 // m applied over the channel dimension of x, plus bias: one GEMM on the [B, C, HW] view.
@@ -69,16 +261,20 @@ at::Tensor channel_sum(const at::Tensor& t) {
 
 int64_t pixels(const at::Tensor& x) { return x.dim() == 2 ? 1 : x.size(2) * x.size(3); }
 
-at::Tensor row_logabsdet(const at::Tensor& x, const at::Tensor& log_scale, bool inverse) {
+at::Tensor row_logabsdet(const at::Tensor& x, const LuParams& p, const Factors& f, bool inverse) {
   const double factor = static_cast<double>(pixels(x)) * (inverse ? -1.0 : 1.0);
-  return (log_scale.sum() * factor).expand({x.size(0)}).contiguous();
+  if (f.log_scale_sum) return at::full({x.size(0)}, *f.log_scale_sum * factor, x.options());
+  auto total = p.log_scale.sum();
+  if (p.input_log_scale) total = total + p.input_log_scale->sum();
+  return (total * factor).expand({x.size(0)}).contiguous();
 }
 
-void check_input_shift(const std::optional<at::Tensor>& input_shift, const at::Tensor& x) {
-  if (!input_shift) return;
-  check_same_dtype_device(*input_shift, x, "input_shift", "x");
-  TORCH_CHECK(input_shift->dim() == 1 && input_shift->size(0) == x.size(1),
-              "nflux: input_shift must have shape [", x.size(1), "], got ", input_shift->sizes());
+// input_shift and input_log_scale (ActNorm's bias and scale) are [C] vectors like x.
+void check_input_vector(const std::optional<at::Tensor>& v, const at::Tensor& x, const char* name) {
+  if (!v) return;
+  check_same_dtype_device(*v, x, name, "x");
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == x.size(1), "nflux: ", name, " must have shape [",
+              x.size(1), "], got ", v->sizes());
 }
 
 // y = W (x + input_shift) + bias = W x + (W input_shift + bias): the shift (ActNorm's bias, when
@@ -103,33 +299,38 @@ std::tuple<at::Tensor, at::Tensor> lu_conv1x1(const at::Tensor& x, const at::Ten
                                               const at::Tensor& lower, const at::Tensor& upper,
                                               const at::Tensor& log_scale, const at::Tensor& sign,
                                               const std::optional<at::Tensor>& bias, bool inverse,
-                                              const std::optional<at::Tensor>& input_shift) {
+                                              const std::optional<at::Tensor>& input_shift,
+                                              const std::optional<at::Tensor>& input_log_scale) {
   check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias);
-  check_input_shift(input_shift, x);
-  const auto f = make_factors(lower, upper, log_scale, sign);
+  check_input_vector(input_shift, x, "input_shift");
+  check_input_vector(input_log_scale, x, "input_log_scale");
+  const LuParams p{perm, lower, upper, log_scale, sign, input_log_scale};
+  const auto f = make_factors(p, /*need_unit_lower=*/inverse);
   at::Tensor y;
   if (!inverse) {
-    const auto w = weight(f, perm);
+    const auto w = weight(f);
     y = mix(w, x, forward_offset(w, bias, input_shift));
   } else {
     // The subtractions ride in the GEMM as one offset.
     const auto winv = inverse_weight(f, perm);
     y = mix(winv, x, inverse_offset(winv, bias, input_shift));
   }
-  return {y, row_logabsdet(x, log_scale, inverse)};
+  return {y, row_logabsdet(x, p, f, inverse)};
 }
 
-using SixTensors =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using SevenTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor, at::Tensor>;
 
-SixTensors lu_conv1x1_backward(const at::Tensor& grad_y, const at::Tensor& grad_logabsdet,
-                               const at::Tensor& x, const at::Tensor& perm,
-                               const at::Tensor& lower, const at::Tensor& upper,
-                               const at::Tensor& log_scale, const at::Tensor& sign,
-                               const std::optional<at::Tensor>& bias, bool inverse,
-                               const std::optional<at::Tensor>& input_shift) {
+SevenTensors lu_conv1x1_backward(const at::Tensor& grad_y, const at::Tensor& grad_logabsdet,
+                                 const at::Tensor& x, const at::Tensor& perm,
+                                 const at::Tensor& lower, const at::Tensor& upper,
+                                 const at::Tensor& log_scale, const at::Tensor& sign,
+                                 const std::optional<at::Tensor>& bias, bool inverse,
+                                 const std::optional<at::Tensor>& input_shift,
+                                 const std::optional<at::Tensor>& input_log_scale) {
   check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias);
-  check_input_shift(input_shift, x);
+  check_input_vector(input_shift, x, "input_shift");
+  check_input_vector(input_log_scale, x, "input_log_scale");
   check_same_dtype_device(grad_y, x, "grad_y", "x");
   check_same_dtype_device(grad_logabsdet, x, "grad_logabsdet", "x");
   TORCH_CHECK(grad_y.sizes() == x.sizes(), "nflux: grad_y must have the shape of x ", x.sizes(),
@@ -137,14 +338,15 @@ SixTensors lu_conv1x1_backward(const at::Tensor& grad_y, const at::Tensor& grad_
   TORCH_CHECK(grad_logabsdet.dim() == 1 && grad_logabsdet.size(0) == x.size(0),
               "nflux: grad_logabsdet must have shape [", x.size(0), "], got ",
               grad_logabsdet.sizes());
-  const auto f = make_factors(lower, upper, log_scale, sign);
+  const LuParams p{perm, lower, upper, log_scale, sign, input_log_scale};
+  const auto f = make_factors(p, /*need_unit_lower=*/inverse);
   // Materialised once (an expanded gradient, as from y.sum(), would otherwise be copied twice).
   const auto gy = grad_y.contiguous();
   const bool need_offset_grad = bias.has_value() || input_shift.has_value();
   at::Tensor grad_x, grad_w, grad_b, grad_shift;
   if (!inverse) {
     // y = W x + c, c = W s + b: dL/dc = sum of gy; dL/dW = gy x^T + dL/dc s^T; dL/ds = W^T dL/dc.
-    const auto w = weight(f, perm);
+    const auto w = weight(f);
     grad_x = mix(w.t(), gy, std::nullopt);
     grad_w = outer_sum(gy, x);
     if (need_offset_grad) grad_b = channel_sum(gy);
@@ -163,23 +365,21 @@ SixTensors lu_conv1x1_backward(const at::Tensor& grad_y, const at::Tensor& grad_
     if (bias) grad_b = -channel_sum(grad_x);
     if (input_shift) grad_shift = -channel_sum(gy);
   }
-  // W = P M: rows of dL/dW go back to the rows of M they came from.
-  const auto grad_m = at::empty_like(grad_w).index_copy_(0, perm, grad_w);
-  const auto grad_lower = at::mm(grad_m, f.upper_diag.t()).tril_(-1);
-  auto grad_upper_diag = at::mm(f.unit_lower.t(), grad_m);
   const double lad_factor = static_cast<double>(pixels(x)) * (inverse ? -1.0 : 1.0);
-  const auto grad_log_scale =
-      (grad_upper_diag.diagonal() * f.diag).add_(grad_logabsdet.sum(), lad_factor);
+  const auto g = parameter_grads(f, grad_w, p, grad_logabsdet, lad_factor);
   const auto empty = at::empty({0}, x.options());
   return {grad_x,
-          grad_lower,
-          grad_upper_diag.triu_(1),
-          grad_log_scale,
+          g.lower,
+          g.upper,
+          g.log_scale,
           bias ? grad_b : empty,
-          input_shift ? grad_shift : empty};
+          input_shift ? grad_shift : empty,
+          input_log_scale ? g.input_log_scale : empty};
 }
 
 }  // namespace
+
+bool set_lu_host_path(bool enabled) { return host_path_enabled.exchange(enabled); }
 
 TORCH_LIBRARY_IMPL(nflux, CompositeExplicitAutograd, m) {
   m.impl("lu_conv1x1", &lu_conv1x1);

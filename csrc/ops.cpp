@@ -1,7 +1,9 @@
-// Every nflux operator schema, in one place, and the nflux._C Python module (build info only:
-// tensors never cross pybind11; Python reaches the ops through torch.ops.nflux).
+// Every nflux operator schema, in one place, and the nflux._C Python module (build info and one
+// test switch: tensors never cross pybind11; Python reaches the ops through torch.ops.nflux).
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
+
+#include "lu_conv1x1.h"
 
 #ifndef NFLUX_VERSION
 #define NFLUX_VERSION "0.0.0"
@@ -33,14 +35,15 @@ TORCH_LIBRARY(nflux, m) {
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lu_conv1x1(Tensor x, Tensor perm, Tensor lower, Tensor upper, Tensor log_scale, "
-      "Tensor sign, Tensor? bias, bool inverse, Tensor? input_shift=None) -> (Tensor y, "
-      "Tensor logabsdet)",
+      "Tensor sign, Tensor? bias, bool inverse, Tensor? input_shift=None, "
+      "Tensor? input_log_scale=None) -> (Tensor y, Tensor logabsdet)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "lu_conv1x1_backward(Tensor grad_y, Tensor grad_logabsdet, Tensor x, Tensor perm, "
       "Tensor lower, Tensor upper, Tensor log_scale, Tensor sign, Tensor? bias, bool inverse, "
-      "Tensor? input_shift=None) -> (Tensor grad_x, Tensor grad_lower, Tensor grad_upper, "
-      "Tensor grad_log_scale, Tensor grad_bias, Tensor grad_input_shift)",
+      "Tensor? input_shift=None, Tensor? input_log_scale=None) -> (Tensor grad_x, "
+      "Tensor grad_lower, Tensor grad_upper, Tensor grad_log_scale, Tensor grad_bias, "
+      "Tensor grad_input_shift, Tensor grad_input_log_scale)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "masked_linear(Tensor input, Tensor weight, Tensor? bias, Tensor mask, int[] blocks=[]) "
@@ -79,6 +82,9 @@ TORCH_LIBRARY(nflux, m) {
 PYBIND11_MODULE(_C, module) {
   module.attr("__version__") = NFLUX_VERSION;
   module.attr("cpu_kernels") = true;
+  module.def("_set_lu_host_path", &nflux::set_lu_host_path,
+             "Turns lu_conv1x1's host path (CPU float/double) on or off; returns the previous "
+             "setting. For tests of the ATen-composed path that CUDA takes.");
 #ifdef NFLUX_WITH_CUDA
   module.attr("cuda_kernels") = true;
 #else

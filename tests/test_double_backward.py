@@ -48,11 +48,11 @@ def test_lu_conv1x1(inverse, image):
     C = 3
     perm, sign = torch.tensor([2, 0, 1]), torch.tensor([1.0, -1.0, 1.0], **F64)
     x = leaf(2, C, 2, 2) if image else leaf(4, C)
-    params = (leaf(C, C), leaf(C, C), leaf(C, scale=0.1), leaf(C), leaf(C))
+    params = (leaf(C, C), leaf(C, C), leaf(C, scale=0.1), leaf(C), leaf(C), leaf(C, scale=0.1))
 
-    def fn(x, lower, upper, log_scale, bias, shift):
+    def fn(x, lower, upper, log_scale, bias, shift, in_scale):
         return nflux.ops.lu_conv1x1(x, perm, lower, upper, log_scale, sign, bias, inverse=inverse) if image else \
-            torch.ops.nflux.lu_conv1x1(x, perm, lower, upper, log_scale, sign, bias, inverse, shift)
+            torch.ops.nflux.lu_conv1x1(x, perm, lower, upper, log_scale, sign, bias, inverse, shift, in_scale)
 
     assert gradgradcheck(fn, (x, *params))
 

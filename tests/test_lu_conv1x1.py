@@ -1,5 +1,6 @@
 """lu_conv1x1 (and the ActNorm fold): against the float64 reference, gradients, inverse, the
-brute-force Jacobian log-determinant, bad inputs and torch.compile."""
+brute-force Jacobian log-determinant, bad inputs and torch.compile. Every test runs on both
+paths of the [C, C] parameter work: the CPU's host loops and the ATen-composed one CUDA takes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from nflux.ops import reference
 pytestmark = pytest.mark.skipif(not _extension.loaded, reason="native extension not built")
 
 SHAPES = [(5, 4), (3, 4, 3, 2)]
+
+
+@pytest.fixture(autouse=True, params=["host", "composite"])
+def lu_path(request):
+    previous = nflux._C._set_lu_host_path(request.param == "host")
+    yield request.param
+    nflux._C._set_lu_host_path(previous)
 
 
 def params(C, dtype=torch.float64, seed=0, bias=True, requires_grad=False):
@@ -202,26 +210,54 @@ def test_native_op_rejects_bad_input_too():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("inverse", [False, True])
-def test_input_shift_matches_reference_and_gradcheck(shape, bias, inverse):
+@pytest.mark.parametrize("inputs", ["shift", "log_scale", "both"])
+def test_input_shift_and_scale_match_reference_and_gradcheck(shape, bias, inverse, inputs):
     x = data(shape, requires_grad=True)
     perm, lower, upper, log_scale, sign, b = params(shape[1], bias=bias, requires_grad=True)
-    shift = data((shape[1],), seed=5, requires_grad=True)
-    y, lad = nflux.ops.lu_conv1x1(x, perm, lower, upper, log_scale, sign, b, inverse=inverse, input_shift=shift)
-    y_ref, lad_ref = reference.lu_conv1x1(
-        x, perm, lower, upper, log_scale, sign, b, inverse=inverse, input_shift=shift
-    )
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(lad, lad_ref)
+    shift = data((shape[1],), seed=5, requires_grad=True) if inputs != "log_scale" else None
+    in_scale = (data((shape[1],), seed=6) * 0.3).requires_grad_() if inputs != "shift" else None
+    extra = dict(input_shift=shift, input_log_scale=in_scale)
+    y, lad = nflux.ops.lu_conv1x1(x, perm, lower, upper, log_scale, sign, b, inverse=inverse, **extra)
+    y_ref, lad_ref = reference.lu_conv1x1(x, perm, lower, upper, log_scale, sign, b, inverse=inverse, **extra)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lad, lad_ref, rtol=1e-12, atol=1e-12)
+    if in_scale is not None:  # the reference's own fold: ActNorm's scale applied to the input first
+        per_channel = (lambda v: v) if x.dim() == 2 else (lambda v: v[:, None, None])
+        pixels = 1 if x.dim() == 2 else x.shape[2] * x.shape[3]
+        shifted = x if shift is None else x + per_channel(shift)
+        if not inverse:
+            y_two, lad_two = reference.lu_conv1x1(per_channel(torch.exp(in_scale)) * shifted, perm, lower, upper,
+                                                  log_scale, sign, b)
+            torch.testing.assert_close(y_ref, y_two)
+            torch.testing.assert_close(lad_ref, lad_two + pixels * in_scale.sum())
 
-    def fn(x, lower, upper, log_scale, shift, *rest):
+    def fn(x, lower, upper, log_scale, *rest):
+        rest = list(rest)
+        s = rest.pop(0) if shift is not None else None
+        c = rest.pop(0) if in_scale is not None else None
         return nflux.ops.lu_conv1x1(
             x, perm, lower, upper, log_scale, sign, rest[0] if rest else None, inverse=inverse,
-            input_shift=shift,
+            input_shift=s, input_log_scale=c,
         )
 
-    args = (x, lower, upper, log_scale, shift) + ((b,) if bias else ())
+    args = (x, lower, upper, log_scale) + tuple(t for t in (shift, in_scale, b) if t is not None)
     assert torch.autograd.gradcheck(fn, args)
-    torch.library.opcheck(torch.ops.nflux.lu_conv1x1, (x, perm, lower, upper, log_scale, sign, b, inverse, shift))
+    torch.library.opcheck(torch.ops.nflux.lu_conv1x1, (x, perm, lower, upper, log_scale, sign, b, inverse, shift, in_scale))
+
+
+def test_input_log_scale_is_checked():
+    perm, lower, upper, log_scale, sign, b = params(4)
+    with pytest.raises(ValueError, match=r"input_log_scale must have shape \[4\]"):
+        nflux.ops.lu_conv1x1(data((2, 4)), perm, lower, upper, log_scale, sign, b, input_log_scale=log_scale[:3])
+    with pytest.raises(RuntimeError, match=r"input_log_scale must have shape \[4\]"):
+        torch.ops.nflux.lu_conv1x1(data((2, 4)), perm, lower, upper, log_scale, sign, b, False, None, log_scale[:3])
+
+
+def test_perm_entries_out_of_range_are_refused():
+    perm, lower, upper, log_scale, sign, b = params(4)
+    # The host path names the problem; the composite one is index_select's IndexError.
+    with pytest.raises((RuntimeError, IndexError), match="permutation|out of range"):
+        torch.ops.nflux.lu_conv1x1(data((2, 4)), torch.tensor([0, 1, 2, 4]), lower, upper, log_scale, sign, b, False)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -255,10 +291,11 @@ def test_vmap_matches_loop(shape, inverse):
     V = 3
     x = data((V, *shape))
     perm, lower, upper, log_scale, sign, bias = params(shape[1])
-    shift = data((shape[1],), seed=2)
+    shift, in_scale = data((shape[1],), seed=2), data((shape[1],), seed=3) * 0.3
 
     def op(a, lo, up):
-        return nflux.ops.lu_conv1x1(a, perm, lo, up, log_scale, sign, bias, inverse=inverse, input_shift=shift)
+        return nflux.ops.lu_conv1x1(a, perm, lo, up, log_scale, sign, bias, inverse=inverse, input_shift=shift,
+                                    input_log_scale=in_scale)
 
     # Only the data batched (one W for all), then the factors batched too (one W each).
     y, lad = torch.vmap(op, in_dims=(0, None, None))(x, lower, upper)
@@ -274,21 +311,25 @@ def test_vmap_matches_loop(shape, inverse):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_vmap_backward_matches_loop(bias):
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_vmap_backward_matches_loop(bias, with_scale):
     V, shape = 3, (4, 3, 2, 2)
     x, g, gl = data((V, *shape)), data((V, *shape), seed=3), data((V, shape[0]), seed=4)
     perm, lower, upper, log_scale, sign, b = params(shape[1], bias=bias)
+    in_scale = data((shape[1],), seed=5) * 0.3 if with_scale else None
     op = torch.ops.nflux.lu_conv1x1_backward
     for inverse in (False, True):
-        batched = torch.vmap(lambda a, c, d: op(a, c, d, perm, lower, upper, log_scale, sign, b, inverse))(g, gl, x)
+        batched = torch.vmap(
+            lambda a, c, d: op(a, c, d, perm, lower, upper, log_scale, sign, b, inverse, None, in_scale))(g, gl, x)
         for v in range(V):
-            single = op(g[v], gl[v], x[v], perm, lower, upper, log_scale, sign, b, inverse)
+            single = op(g[v], gl[v], x[v], perm, lower, upper, log_scale, sign, b, inverse, None, in_scale)
             for i in range(4):
                 torch.testing.assert_close(batched[i][v], single[i])
-            if bias:
-                torch.testing.assert_close(batched[4][v], single[4])
-            else:
-                assert batched[4].numel() == 0
+            for i, present in ((4, bias), (5, False), (6, with_scale)):
+                if present:
+                    torch.testing.assert_close(batched[i][v], single[i])
+                else:
+                    assert batched[i].numel() == 0
 
 
 def test_vmap_output_backpropagates_like_loop():
@@ -308,3 +349,18 @@ def test_vmap_output_backpropagates_like_loop():
     want = torch.autograd.grad(loss(torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), learn)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_actnorm_step_without_the_extension_matches_native(monkeypatch, inverse):
+    # The reference fallback takes input_log_scale too (ActNorm's scale, folded in the op).
+    C = 4
+    x = data((3, C, 2, 2))
+    perm, lower, upper, log_scale, sign, b = params(C)
+    an_ls, an_b = data((C,), seed=7) * 0.2, data((C,), seed=8)
+    native = nflux.ops.actnorm_lu_conv1x1(x, perm, lower, upper, log_scale, sign, b, an_ls, an_b, inverse=inverse)
+    monkeypatch.setattr(_extension, "loaded", False)
+    monkeypatch.setattr(_extension, "_warned", True)
+    fallback = nflux.ops.actnorm_lu_conv1x1(x, perm, lower, upper, log_scale, sign, b, an_ls, an_b, inverse=inverse)
+    for got, want in zip(fallback, native):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

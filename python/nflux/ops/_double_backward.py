@@ -63,10 +63,11 @@ def _affine_coupling(cots, primals, options):
 
 def _lu_conv1x1(cots, primals, options):
     (inverse,) = options
-    x, perm, lower, upper, log_scale, sign, bias, input_shift = primals
-    fwd = lambda x, lower, upper, log_scale, bias, input_shift: reference.lu_conv1x1(  # noqa: E731
-        x, perm, lower, upper, log_scale, sign, bias, inverse=inverse, input_shift=input_shift)
-    return _vjp(fwd, [x, lower, upper, log_scale, bias, input_shift], cots)
+    x, perm, lower, upper, log_scale, sign, bias, input_shift, input_log_scale = primals
+    fwd = lambda x, lower, upper, log_scale, bias, input_shift, input_log_scale: reference.lu_conv1x1(  # noqa: E731
+        x, perm, lower, upper, log_scale, sign, bias, inverse=inverse, input_shift=input_shift,
+        input_log_scale=input_log_scale)
+    return _vjp(fwd, [x, lower, upper, log_scale, bias, input_shift, input_log_scale], cots)
 
 
 def _masked_linear(cots, primals, options):
@@ -113,5 +114,5 @@ def register() -> None:
     """Called by nflux.ops once the extension is loaded."""
     _register("nflux::rq_spline_backward", 2, range(6), _rq_spline)
     _register("nflux::affine_coupling_backward", 2, range(5), _affine_coupling)
-    _register("nflux::lu_conv1x1_backward", 2, (0, 1, 2, 3, 4, 5, 6, 7, 8, 10), _lu_conv1x1, constants=(7,))
+    _register("nflux::lu_conv1x1_backward", 2, (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11), _lu_conv1x1, constants=(7,))
     _register("nflux::masked_linear_backward", 1, range(4), _masked_linear, constants=(3,))

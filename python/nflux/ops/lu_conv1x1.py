@@ -24,6 +24,7 @@ def lu_conv1x1(
     *,
     inverse: bool = False,
     input_shift: torch.Tensor | None = None,
+    input_log_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = W (x + input_shift) + bias over the channels of `[B, C, H, W]` (or the features of `[B, C]`).
 
@@ -34,40 +35,52 @@ def lu_conv1x1(
     triangular solves to build W^-1, never a general inverse. `input_shift` ([C], optional) is
     added to x before the mixing (ActNorm's bias; see `actnorm_lu_conv1x1`) at the cost of one
     [C] matrix-vector product: it rides in the GEMM's bias (inverse: x = W^-1 (y - bias) - shift).
+    `input_log_scale` ([C], optional; ActNorm's scale) multiplies the shifted input by
+    exp(input_log_scale) first: it folds into the factors (U's columns and log_scale) inside the
+    op, so y = W diag(exp(input_log_scale)) (x + input_shift) + bias is still one GEMM.
 
     Returns:
-        `(y, logabsdet)`; logabsdet is `[B]`, H*W*sum(log_scale) (negated for `inverse=True`).
+        `(y, logabsdet)`; logabsdet is `[B]`, H*W*(sum(log_scale) + sum(input_log_scale))
+        (negated for `inverse=True`).
     """
     if _autocast.enabled(x):
-        x, lower, upper, log_scale, sign, bias, input_shift = _autocast.to_float32_or_wider(
-            x, lower, upper, log_scale, sign, bias, input_shift
+        x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale = _autocast.to_float32_or_wider(
+            x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale
         )
     check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
-    if input_shift is not None:
-        check_like(input_shift, x, "input_shift", "x")
-        if tuple(input_shift.shape) != (x.shape[1],):
-            raise ValueError(f"nflux: input_shift must have shape [{x.shape[1]}], got {list(input_shift.shape)}")
+    for name, v in (("input_shift", input_shift), ("input_log_scale", input_log_scale)):
+        if v is not None:
+            check_like(v, x, name, "x")
+            if tuple(v.shape) != (x.shape[1],):
+                raise ValueError(f"nflux: {name} must have shape [{x.shape[1]}], got {list(v.shape)}")
     if _extension.loaded:
         return torch.ops.nflux.lu_conv1x1(
-            x, perm, lower, upper, log_scale, sign, bias, bool(inverse), input_shift
+            x, perm, lower, upper, log_scale, sign, bias, bool(inverse), input_shift, input_log_scale
         )
     _extension.warn_fallback("lu_conv1x1", x)
     with _autocast.fallback_context(x):
         return reference.lu_conv1x1(
-            x, perm, lower, upper, log_scale, sign, bias, inverse=inverse, input_shift=input_shift
+            x, perm, lower, upper, log_scale, sign, bias, inverse=inverse, input_shift=input_shift,
+            input_log_scale=input_log_scale,
         )
 
 
-def _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias):
-    """Checks ActNorm's [C] parameters and folds its scale into the LU factors: W diag(e^s)
-    scales U's columns and adds s to log_scale. Returns (upper', log_scale')."""
-    # Checked against the conv's own factors, so a mismatch names the ActNorm argument.
+def _check_actnorm(lower, actnorm_log_scale, actnorm_bias):
+    """ActNorm's [C] parameters, checked against the conv's own factors so that a mismatch
+    names the ActNorm argument."""
     check_like(actnorm_log_scale, lower, "actnorm_log_scale", "lower")
     check_like(actnorm_bias, lower, "actnorm_bias", "lower")
     C = lower.shape[0]
     for name, t in (("actnorm_log_scale", actnorm_log_scale), ("actnorm_bias", actnorm_bias)):
         if tuple(t.shape) != (C,):
             raise ValueError(f"nflux: {name} must have shape [{C}], got {list(t.shape)}")
+
+
+def _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias):
+    """Checks ActNorm's [C] parameters and folds its scale into the LU factors, as the op does
+    with input_log_scale: W diag(e^s) scales U's columns and adds s to log_scale. Returns
+    (upper', log_scale')."""
+    _check_actnorm(lower, actnorm_log_scale, actnorm_bias)
     return upper * torch.exp(actnorm_log_scale), log_scale + actnorm_log_scale
 
 
@@ -87,14 +100,15 @@ def actnorm_lu_conv1x1(
     """A Glow step's ActNorm then invertible 1x1 conv, y = W a(x) + bias with
     a(x) = exp(actnorm_log_scale) * (x + actnorm_bias), as one lu_conv1x1 call (one GEMM).
 
-    ActNorm's scale folds into the LU factors (the columns of U and log_scale, two [C]-sized
-    ops) and its bias is the op's input_shift, so the data is touched once each way and no
-    [C, C] weight is built outside the op. logabsdet includes ActNorm's; `inverse=True` undoes
-    both (x = a^-1(W^-1 (y - bias))).
+    ActNorm's scale and bias are the op's input_log_scale and input_shift: the scale folds into
+    the LU factors inside the op (the columns of U and log_scale), the bias rides in the GEMM's
+    offset, so the data is touched once each way and the fold costs no autograd node of its
+    own. logabsdet includes ActNorm's; `inverse=True` undoes both (x = a^-1(W^-1 (y - bias))).
     """
-    folded_upper, folded_log_scale = _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias)
+    _check_actnorm(lower, actnorm_log_scale, actnorm_bias)
     return lu_conv1x1(
-        x, perm, lower, folded_upper, folded_log_scale, sign, bias, inverse=inverse, input_shift=actnorm_bias
+        x, perm, lower, upper, log_scale, sign, bias, inverse=inverse, input_shift=actnorm_bias,
+        input_log_scale=actnorm_log_scale,
     )
 
 
@@ -127,19 +141,19 @@ def fold_actnorm(
 # lu_conv1x1_backward.
 
 
-def _fake(x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift=None):
+def _fake(x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift=None, input_log_scale=None):
     return x.new_empty(x.shape), x.new_empty(x.shape[:1])
 
 
-def _fake_backward(grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift=None):
+def _fake_backward(grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift=None,
+                   input_log_scale=None):
     C = lower.shape[0]
     return (
         x.new_empty(x.shape),
         x.new_empty(C, C),
         x.new_empty(C, C),
         x.new_empty(C),
-        x.new_empty(C) if bias is not None else x.new_empty(0),
-        x.new_empty(C) if input_shift is not None else x.new_empty(0),
+        *(x.new_empty(C) if v is not None else x.new_empty(0) for v in (bias, input_shift, input_log_scale)),
     )
 
 
@@ -147,37 +161,39 @@ def _select(args, in_dims, v):
     return [a if d is None else a.select(d, v) for a, d in zip(args, in_dims)]
 
 
-def _vmap(info, in_dims, x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift=None):
+def _vmap(info, in_dims, x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift=None,
+          input_log_scale=None):
     size = info.batch_size
-    tensors = (x, perm, lower, upper, log_scale, sign, bias, input_shift)
-    dims = (*in_dims[:7], in_dims[8] if len(in_dims) > 8 else None)
+    tensors = (x, perm, lower, upper, log_scale, sign, bias, input_shift, input_log_scale)
+    dims = (*in_dims[:7], *(in_dims[i] if len(in_dims) > i else None for i in (8, 9)))
     if all(d is None for d in dims[1:]):
         # One W for every vmapped row: the vmapped dimension joins the batch, one GEMM in all.
         x = x.movedim(dims[0], 0)
         y, lad = torch.ops.nflux.lu_conv1x1(
             x.reshape(size * x.shape[1], *x.shape[2:]), perm, lower, upper, log_scale, sign, bias,
-            inverse, input_shift,
+            inverse, input_shift, input_log_scale,
         )
         return (y.view(x.shape), lad.view(size, -1)), (0, 0)
     # Batched parameters: one W per vmapped index, so one call each.
     outs = []
     for v in range(size):
         t = _select(tensors, dims, v)
-        outs.append(torch.ops.nflux.lu_conv1x1(*t[:7], inverse, t[7]))
+        outs.append(torch.ops.nflux.lu_conv1x1(*t[:7], inverse, *t[7:]))
     return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
 
 
 def _vmap_backward(info, in_dims, grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias,
-                   inverse, input_shift=None):
+                   inverse, input_shift=None, input_log_scale=None):
     # Each vmapped index has its own parameter gradients (a batch-folded call would sum them),
-    # so one call per index. The empty outputs (no bias, no input_shift) stay unbatched.
-    tensors = (grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias, input_shift)
-    dims = (*in_dims[:9], in_dims[10] if len(in_dims) > 10 else None)
+    # so one call per index. The empty outputs (no bias, no input_shift or input_log_scale)
+    # stay unbatched.
+    tensors = (grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bias, input_shift, input_log_scale)
+    dims = (*in_dims[:9], *(in_dims[i] if len(in_dims) > i else None for i in (10, 11)))
     outs = []
     for v in range(info.batch_size):
         t = _select(tensors, dims, v)
-        outs.append(torch.ops.nflux.lu_conv1x1_backward(*t[:9], inverse, t[9]))
-    batched = (True, True, True, True, bias is not None, input_shift is not None)
+        outs.append(torch.ops.nflux.lu_conv1x1_backward(*t[:9], inverse, *t[9:]))
+    batched = (True, True, True, True, bias is not None, input_shift is not None, input_log_scale is not None)
     grads = tuple(torch.stack([o[i] for o in outs]) if b else outs[0][i] for i, b in enumerate(batched))
     return grads, tuple(0 if b else None for b in batched)
 

@@ -157,9 +157,14 @@ def lu_conv1x1(
     *,
     inverse: bool = False,
     input_shift: torch.Tensor | None = None,
+    input_log_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Invertible 1x1 convolution / LU linear layer; see nflux.ops.lu_conv1x1."""
     check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
+    if input_log_scale is not None:
+        # W diag(exp(s)) = P L (U diag(exp(s)) + D diag(exp(s))): U's columns and log_scale.
+        check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, input_log_scale)
+        upper, log_scale = upper * torch.exp(input_log_scale), log_scale + input_log_scale
     if input_shift is not None:
         check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, input_shift)
         s = input_shift if x.dim() == 2 else input_shift[:, None, None]
