@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 
 namespace nflux {
@@ -13,6 +14,17 @@ namespace nflux {
 inline void check_floating(const at::Tensor& t, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "nflux: ", name,
               " must be a floating-point tensor, got dtype ", t.scalar_type());
+}
+
+// The precision and range the kernels compute in for t's dtype: double for double, float for
+// every narrower type.
+inline double compute_epsilon(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                        : std::numeric_limits<float>::epsilon();
+}
+inline double compute_max(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
+                                        : std::numeric_limits<float>::max();
 }
 
 inline void check_same_dtype_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
@@ -49,11 +61,19 @@ inline int64_t check_rq_spline_args(const at::Tensor& inputs, const at::Tensor& 
               K - 1, " entries in its last dimension, got ", derivatives.size(-1));
   TORCH_CHECK(tail_bound > 0 && std::isfinite(tail_bound),
               "nflux: tail_bound must be positive and finite, got ", tail_bound);
-  // A zero minimum lets a bin collapse to zero width or height: a 0/0 slope inside it.
-  TORCH_CHECK(min_bin_width > 0 && min_bin_width * K < 1, "nflux: min_bin_width * K must be in (0, 1), got ",
-              min_bin_width, " * ", K);
-  TORCH_CHECK(min_bin_height > 0 && min_bin_height * K < 1,
-              "nflux: min_bin_height * K must be in (0, 1), got ", min_bin_height, " * ", K);
+  // A zero minimum lets a bin collapse to zero width or height: a 0/0 slope inside it. So does
+  // one below the arithmetic's resolution: its knot rounds onto the neighbour next to
+  // +-tail_bound (a bin of 2 * tail_bound * value must span a few units in the last place).
+  const double smallest_bin = 2 * compute_epsilon(inputs);
+  auto check_min_bin = [&](double value, const char* name) {
+    TORCH_CHECK(value > 0 && value * K < 1, "nflux: ", name, " * K must be in (0, 1), got ", value,
+                " * ", K);
+    TORCH_CHECK(value >= smallest_bin, "nflux: ", name, " = ", value,
+                " is below what the kernels' arithmetic resolves next to +-tail_bound (at least ",
+                smallest_bin, "); use float64 inputs for smaller bins");
+  };
+  check_min_bin(min_bin_width, "min_bin_width");
+  check_min_bin(min_bin_height, "min_bin_height");
   TORCH_CHECK(min_derivative > 0 && std::isfinite(min_derivative),
               "nflux: min_derivative must be positive and finite, got ", min_derivative);
   return K;
@@ -97,8 +117,10 @@ inline int64_t check_affine_coupling_args(const at::Tensor& x, const at::Tensor&
     TORCH_CHECK(logits->sizes() == x.sizes(), "nflux: scale_logits must have the shape of x ",
                 x.sizes(), ", got ", logits->sizes());
   }
-  TORCH_CHECK(!clamp.has_value() || (*clamp > 0 && std::isfinite(*clamp)),
-              "nflux: clamp must be positive and finite, got ", clamp.value_or(0.0));
+  // clamp * tanh(s / clamp) needs clamp and 1 / clamp finite in the kernels' arithmetic.
+  TORCH_CHECK(!clamp.has_value() || (*clamp >= 1 / compute_max(x) && *clamp <= compute_max(x)),
+              "nflux: clamp must be positive and finite, with 1 / clamp finite in the kernels' "
+              "arithmetic, got ", clamp.value_or(0.0));
   return scale_kind;
 }
 

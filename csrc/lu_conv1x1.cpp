@@ -13,6 +13,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
@@ -39,9 +40,10 @@ struct Factors {
   at::Tensor unit_lower;      // L + I (only when asked for)
   at::Tensor permuted_lower;  // P (L + I): row i is row perm[i] of L + I
   at::Tensor upper_diag;      // U + diag(sign * exp(log_scale)), input_log_scale folded in
-  // sum(log_scale) (+ sum(input_log_scale)), when the factors were built on the host (else
-  // logabsdet sums the tensors).
-  std::optional<double> log_scale_sum;
+  // Host path only: perm's entries, and sum(log_scale) (+ sum(input_log_scale)) in double.
+  bool on_host = false;
+  std::vector<int64_t> host_perm;
+  double log_scale_sum = 0;
 };
 
 std::atomic<bool> host_path_enabled{true};
@@ -54,13 +56,17 @@ bool host_fast_path(const at::Tensor& lower) {
          host_path_enabled.load(std::memory_order_relaxed);
 }
 
-// perm as host indices, each checked to lie in [0, C) (they index raw memory below).
-std::vector<int64_t> host_perm(const at::Tensor& perm) {
+// perm as host indices, checked to be a permutation of range(C): they index raw memory below,
+// and a repeat would make W singular while logabsdet still says sum(log_scale).
+std::vector<int64_t> read_host_perm(const at::Tensor& perm) {
   const auto p = perm.contiguous();
   const int64_t C = p.size(0);
   std::vector<int64_t> out(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + C);
+  std::vector<bool> seen(C, false);
   for (const int64_t v : out) {
-    TORCH_CHECK(v >= 0 && v < C, "nflux: perm must be a permutation of range(", C, "), got entry ", v);
+    TORCH_CHECK(v >= 0 && v < C && !seen[v], "nflux: perm must be a permutation of range(", C,
+                "), got ", v < 0 || v >= C ? "entry " : "a repeat of ", v);
+    seen[v] = true;
   }
   return out;
 }
@@ -74,12 +80,12 @@ struct HostParams {
   std::vector<T> column_scale;  // exp(input_log_scale), or empty
   int64_t C;
 
-  explicit HostParams(const LuParams& p)
+  HostParams(const LuParams& p, std::vector<int64_t> host_perm)
       : lower_t(p.lower.contiguous()), upper_t(p.upper.contiguous()),
         log_scale_t(p.log_scale.contiguous()), sign_t(p.sign.contiguous()),
         lower(lower_t.data_ptr<T>()), upper(upper_t.data_ptr<T>()),
         log_scale(log_scale_t.data_ptr<T>()), sign(sign_t.data_ptr<T>()),
-        input_log_scale(nullptr), perm(host_perm(p.perm)), C(lower_t.size(0)) {
+        input_log_scale(nullptr), perm(std::move(host_perm)), C(lower_t.size(0)) {
     if (p.input_log_scale) {
       input_log_scale_t = p.input_log_scale->contiguous();
       input_log_scale = input_log_scale_t.data_ptr<T>();
@@ -131,17 +137,17 @@ Factors make_factors(const LuParams& p, bool need_unit_lower) {
   if (host_fast_path(p.lower)) {
     const int64_t C = p.lower.size(0);
     const auto options = p.lower.options();
+    f.on_host = true;
+    f.host_perm = read_host_perm(p.perm);
     f.upper_diag = at::empty({C, C}, options);
     f.permuted_lower = at::empty({C, C}, options);
     if (need_unit_lower) f.unit_lower = at::empty({C, C}, options);
-    double total = 0;
     AT_DISPATCH_FLOATING_TYPES(p.lower.scalar_type(), "lu_factors", [&] {
-      fill_factors<scalar_t>(HostParams<scalar_t>(p),
+      fill_factors<scalar_t>(HostParams<scalar_t>(p, f.host_perm),
                              need_unit_lower ? f.unit_lower.data_ptr<scalar_t>() : nullptr,
                              f.permuted_lower.data_ptr<scalar_t>(),
-                             f.upper_diag.data_ptr<scalar_t>(), total);
+                             f.upper_diag.data_ptr<scalar_t>(), f.log_scale_sum);
     });
-    f.log_scale_sum = total;
     return f;
   }
   const auto [upper, log_scale] = folded_upper_log_scale(p);
@@ -208,17 +214,16 @@ ParameterGrads parameter_grads(const Factors& f, const at::Tensor& grad_w, const
   const auto grad_pl = at::mm(grad_w, f.upper_diag.t());
   auto grad_ud = at::mm(f.permuted_lower.t(), grad_w);
   ParameterGrads g;
-  if (host_fast_path(grad_w)) {
+  if (f.on_host) {
     const int64_t C = grad_w.size(0);
-    // Zeroed: a perm with repeats (not a permutation) leaves rows unwritten.
-    g.lower = at::zeros({C, C}, grad_w.options());
+    g.lower = at::empty({C, C}, grad_w.options());  // every row written: perm is a permutation
     g.upper = at::empty({C, C}, grad_w.options());
     g.log_scale = at::empty({C}, grad_w.options());
     if (p.input_log_scale) g.input_log_scale = at::empty({C}, grad_w.options());
     const auto gl = grad_logabsdet.contiguous();
     AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "lu_parameter_grads", [&] {
       fill_parameter_grads<scalar_t>(
-          HostParams<scalar_t>(p), grad_pl.data_ptr<scalar_t>(), grad_ud.data_ptr<scalar_t>(),
+          HostParams<scalar_t>(p, f.host_perm), grad_pl.data_ptr<scalar_t>(), grad_ud.data_ptr<scalar_t>(),
           gl.data_ptr<scalar_t>(), gl.numel(), lad_factor, g.lower.data_ptr<scalar_t>(),
           g.upper.data_ptr<scalar_t>(), g.log_scale.data_ptr<scalar_t>(),
           p.input_log_scale ? g.input_log_scale.data_ptr<scalar_t>() : nullptr);
@@ -230,7 +235,9 @@ ParameterGrads parameter_grads(const Factors& f, const at::Tensor& grad_w, const
   g.log_scale = (grad_ud.diagonal() * p.sign * at::exp(log_scale)).add_(grad_logabsdet.sum(), lad_factor);
   g.upper = grad_ud.triu_(1);
   if (p.input_log_scale) {
-    g.input_log_scale = (g.upper * upper).sum(0) + g.log_scale;
+    // Only U's strict upper triangle enters W: entries below it (an inf, say) must not reach
+    // the gradient as inf * 0.
+    g.input_log_scale = (g.upper * upper.triu(1)).sum(0) + g.log_scale;
     g.upper = g.upper * at::exp(*p.input_log_scale);
   }
   return g;
@@ -263,7 +270,7 @@ int64_t pixels(const at::Tensor& x) { return x.dim() == 2 ? 1 : x.size(2) * x.si
 
 at::Tensor row_logabsdet(const at::Tensor& x, const LuParams& p, const Factors& f, bool inverse) {
   const double factor = static_cast<double>(pixels(x)) * (inverse ? -1.0 : 1.0);
-  if (f.log_scale_sum) return at::full({x.size(0)}, *f.log_scale_sum * factor, x.options());
+  if (f.on_host) return at::full({x.size(0)}, f.log_scale_sum * factor, x.options());
   auto total = p.log_scale.sum();
   if (p.input_log_scale) total = total + p.input_log_scale->sum();
   return (total * factor).expand({x.size(0)}).contiguous();
@@ -367,14 +374,18 @@ SevenTensors lu_conv1x1_backward(const at::Tensor& grad_y, const at::Tensor& gra
   }
   const double lad_factor = static_cast<double>(pixels(x)) * (inverse ? -1.0 : 1.0);
   const auto g = parameter_grads(f, grad_w, p, grad_logabsdet, lad_factor);
-  const auto empty = at::empty({0}, x.options());
+  // An absent input's gradient is empty, each its own tensor: a custom op's outputs may not
+  // alias one another.
+  const auto or_empty = [&](bool present, const at::Tensor& t) {
+    return present ? t : at::empty({0}, x.options());
+  };
   return {grad_x,
           g.lower,
           g.upper,
           g.log_scale,
-          bias ? grad_b : empty,
-          input_shift ? grad_shift : empty,
-          input_log_scale ? g.input_log_scale : empty};
+          or_empty(bias.has_value(), grad_b),
+          or_empty(input_shift.has_value(), grad_shift),
+          or_empty(input_log_scale.has_value(), g.input_log_scale)};
 }
 
 }  // namespace

@@ -214,6 +214,9 @@ def test_compile_fullgraph():
         (dict(scale="softplus"), "scale must be one of"),
         (dict(clamp=0.0), "clamp must be positive"),
         (dict(clamp=float("inf")), "clamp must be positive and finite"),
+        # 1 / clamp overflows float32 (s = 0 then gave 0 * inf = NaN); clamp itself too.
+        (dict(clamp=1e-40), "1 / clamp finite in float32"),
+        (dict(clamp=1e39), "1 / clamp finite in float32"),
     ],
 )
 def test_bad_inputs(kwargs, match):
@@ -225,6 +228,8 @@ def test_bad_inputs(kwargs, match):
 
 def test_native_op_rejects_bad_input_too():
     x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="1 / clamp finite"):
+        torch.ops.nflux.affine_coupling(x, x, x, 1, 1e-40, False)
     with pytest.raises(RuntimeError, match="shift must have the shape of x"):
         torch.ops.nflux.affine_coupling(x, torch.randn(4, 2), None, 0, None, False)
     with pytest.raises(RuntimeError, match="scale_logits is missing"):

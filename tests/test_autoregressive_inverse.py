@@ -230,3 +230,17 @@ def test_forward_mode_is_refused():
     with pytest.raises(NotImplementedError, match="forward-mode"):
         torch.func.jvp(lambda y: nflux.ops.made_inverse(y, weights, biases, degrees, **_kw(made, "affine"))[0],
                        (y,), (torch.ones_like(y),))
+
+
+@pytest.mark.parametrize("activation", ["relu", "elu", "tanh", "gelu"])
+def test_nan_in_a_row_reaches_every_later_feature(activation):
+    # relu turned a NaN pre-activation into 0, so a NaN first feature gave finite later
+    # features and a finite logabsdet (torch.relu, and the reference, keep the NaN).
+    made = _made(activation=activation)
+    y = torch.randn(3, 5, dtype=torch.float64)
+    y[1, 0] = float("nan")
+    x, lad = nflux.ops.made_inverse(*_args(made, y), **_kw(made, "affine"))
+    x_ref, lad_ref = reference.made_inverse(*_args(made, y), **_kw(made, "affine"))
+    assert torch.isnan(x[1]).all() and torch.isnan(lad[1])
+    torch.testing.assert_close(x, x_ref, equal_nan=True)
+    torch.testing.assert_close(lad, lad_ref, equal_nan=True)

@@ -55,6 +55,11 @@ def test_lu_conv1x1(layout, shape, requires_grad):
     args = (laid_out(shape, layout, requires_grad), torch.randperm(C), lower, lower, torch.zeros(C, requires_grad=requires_grad),
             torch.ones(C), torch.randn(C), False, None)
     opcheck(OPS.lu_conv1x1.default, args)
+    # The backward op, with every optional input absent too (each empty gradient its own tensor).
+    grads = (laid_out(shape, layout), torch.randn(shape[0]))
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    for bias, shift, in_scale in ((detached[6], None, None), (None, None, None), (None, torch.randn(C), torch.randn(C))):
+        opcheck(OPS.lu_conv1x1_backward.default, (*grads, *detached[:6], bias, False, shift, in_scale))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])

@@ -260,6 +260,33 @@ def test_perm_entries_out_of_range_are_refused():
         torch.ops.nflux.lu_conv1x1(data((2, 4)), torch.tensor([0, 1, 2, 4]), lower, upper, log_scale, sign, b, False)
 
 
+def test_repeated_perm_entries_are_refused_on_the_host(lu_path):
+    # W = M[perm] would be singular while logabsdet still said sum(log_scale), and the lower
+    # gradient lost one of the repeated rows. The host path reads perm anyway, so it checks it;
+    # the composite path (CUDA) cannot without a device sync.
+    if lu_path != "host":
+        pytest.skip("checked on the host path only")
+    perm, lower, upper, log_scale, sign, b = params(4)
+    with pytest.raises(RuntimeError, match="permutation of range\\(4\\), got a repeat of 1"):
+        torch.ops.nflux.lu_conv1x1(data((2, 4)), torch.tensor([0, 1, 1, 3]), lower, upper, log_scale, sign, b, False)
+
+
+def test_ignored_upper_entries_do_not_reach_the_input_scale_gradient():
+    # Only U's strict upper triangle enters W; an inf below it gave a NaN input_log_scale
+    # gradient on the composite path (inf * 0).
+    perm, lower, upper, log_scale, sign, b = params(3)
+    upper = upper.clone()
+    upper[1, 0] = upper[2, 2] = float("inf")
+    in_scale = (data((3,), seed=9) * 0.3).requires_grad_()
+    y, lad = nflux.ops.lu_conv1x1(data((4, 3)), perm, lower, upper, log_scale, sign, b, input_log_scale=in_scale)
+    (g,) = torch.autograd.grad(y.sum() + lad.sum(), in_scale)
+    finite_upper = torch.where(torch.isfinite(upper), upper, 0)
+    y_ref, lad_ref = nflux.ops.lu_conv1x1(data((4, 3)), perm, lower, finite_upper, log_scale, sign, b,
+                                          input_log_scale=in_scale)
+    (g_ref,) = torch.autograd.grad(y_ref.sum() + lad_ref.sum(), in_scale)
+    torch.testing.assert_close(g, g_ref)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_actnorm_lu_conv1x1_equals_actnorm_then_conv(shape):
     C = shape[1]

@@ -340,6 +340,18 @@ def test_deep_tails_and_infinities(inverse, dtype):
         assert torch.equal(g, torch.zeros_like(g))
 
 
+def test_reference_inverse_keeps_its_derivative_at_the_right_knot():
+    # theta is set to 1 at y = +tail_bound; the reference did that with a where that also cut
+    # dx/dy to 0 there (the double backward and the fallback go through the reference).
+    y = torch.tensor([3.0, 3.0 - 1e-9], dtype=F64, requires_grad=True)
+    w, h, d = make_params([2], 5, seed=21)
+    for op in (nflux.ops.rq_spline, reference.rq_spline):
+        x, _ = op(y, w, h, d, inverse=True)
+        (g,) = torch.autograd.grad(x.sum(), y)
+        torch.testing.assert_close(g[0], torch.tensor(1.0, dtype=F64))  # the identity tail's slope
+        torch.testing.assert_close(g[0], g[1], rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inv"])
 def test_nan_input_is_contained(inverse):
     N, K = 1037, 5  # big enough that the NaNs share vector blocks with finite elements
@@ -539,6 +551,11 @@ def _bad_cases():
     yield "min-bin-width-zero", (x, w, h, d), {"min_bin_width": 0.0}, "min_bin_width"
     yield "min-bin-height-zero", (x, w, h, d), {"min_bin_height": 0.0}, "min_bin_height"
     yield "min-derivative-inf", (x, w, h, d), {"min_derivative": math.inf}, "min_derivative"
+    # Below float32's resolution next to the tail bound the first knot rounds onto -tail_bound
+    # (x = -B then landed in bin 1: -2.25 instead of -3). float64 resolves it.
+    xf, wf, hf, df = (t.float() for t in (x, w, h, d))
+    yield "min-bin-width-unresolved", (xf, wf, hf, df), {"min_bin_width": 1e-8}, "min_bin_width = 1e-08 is below"
+    yield "min-bin-height-unresolved", (xf, wf, hf, df), {"min_bin_height": 1e-9}, "min_bin_height = 1e-09 is below"
 
 
 BAD = list(_bad_cases())
@@ -559,6 +576,14 @@ def test_bad_input_raw_op_raises_runtime_error(case):
     _, args, kwargs, name = case
     with pytest.raises(RuntimeError, match=name):
         OP(*raw_args(*args, **kwargs))
+
+
+def test_tiny_min_bin_width_is_exact_in_float64():
+    x = torch.tensor([-3.0, 3.0], dtype=F64)
+    w, h, d = make_params([2], 5, seed=3)
+    for op in (nflux.ops.rq_spline, reference.rq_spline):
+        y, _ = op(x, w, h, d, min_bin_width=1e-8, min_bin_height=1e-8)
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-12)
 
 
 @pytest.mark.cuda

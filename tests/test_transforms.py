@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -108,6 +110,36 @@ def test_actnorm_data_init_no_sync_and_compiles():
     b0 = a.b0.clone()
     a(x + 100)  # later batches do not re-initialise
     torch.testing.assert_close(a.b0, b0)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_actnorm_data_init_leaves_out_non_finite_entries(bad):
+    # One bad value in the first batch set b0 to -inf (or s0 to NaN) for good: every later
+    # log_prob was NaN. The statistics now come from the finite entries of each feature.
+    x = 10 + 5 * torch.randn(64, D)
+    x[3, 1] = bad
+    x[:, 2] = bad  # a feature with no finite entry: mean 0, std 1
+    a = T.ActNorm(D).train()
+    y, lad = a(x)
+    for feature, rows in ((0, x[:, 0]), (1, x[torch.arange(64) != 3, 1]), (3, x[:, 3])):
+        torch.testing.assert_close(a.b0[feature], -rows.mean())
+        torch.testing.assert_close(a.s0[feature], -torch.log(rows.std(correction=0) + a.eps))
+    assert a.b0[2] == 0 and a.s0[2] == pytest.approx(-a.eps, abs=1e-7)  # -log(1 + eps) in float32
+    assert torch.isfinite(lad).all() and torch.isfinite(a(10 + torch.randn(8, D))[0]).all()
+
+
+def test_actnorm2d_data_init_leaves_out_non_finite_entries():
+    from nflux.transforms import ActNorm2d
+
+    x = 3 + 2 * torch.randn(4, 2, 3, 3)
+    x[1, 0, 2, 2] = math.nan
+    a = ActNorm2d(2).train()
+    a(x)
+    channel0 = x[:, 0].flatten()
+    channel0 = channel0[torch.isfinite(channel0)]
+    torch.testing.assert_close(a.b0[0], -channel0.mean())
+    torch.testing.assert_close(a.s0[0], -torch.log(channel0.std(correction=0) + a.eps))
+    torch.testing.assert_close(a.b0[1], -x[:, 1].mean())
 
 
 def test_actnorm_skips_batch_statistics_once_initialised(monkeypatch):

@@ -18,16 +18,17 @@ NFLUX_HOST_DEVICE double math_erf(double v) { return erf(v); }
 
 template <int A, typename T>
 NFLUX_HOST_DEVICE T apply(T v) {
-  if (A == kRelu) return v > T(0) ? v : T(0);
+  if (A == kRelu) return v <= T(0) ? T(0) : v;  // NaN stays NaN, as torch.relu
   if (A == kElu) return v > T(0) ? v : math_expm1(v);
   if (A == kTanh) return math_tanh(v);
   return T(0.5) * v * (T(1) + math_erf(v * T(0.70710678118654752440)));
 }
 
-// d act / d pre, given pre and post = act(pre) (whichever is cheaper). relu'(0) = 0, as torch.
+// d act / d pre, given pre and post = act(pre) (whichever is cheaper). relu'(0) = 0 and a NaN
+// pre passes the gradient on, as torch's threshold_backward.
 template <int A, typename T>
 NFLUX_HOST_DEVICE T slope(T pre, T post) {
-  if (A == kRelu) return pre > T(0) ? T(1) : T(0);
+  if (A == kRelu) return pre <= T(0) ? T(0) : T(1);
   if (A == kElu) return pre > T(0) ? T(1) : post + T(1);
   if (A == kTanh) return T(1) - post * post;
   // gelu: Phi(x) + x phi(x)

@@ -18,6 +18,12 @@ def check_floating(tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"nflux: {name} must be a floating-point tensor, got dtype {tensor.dtype}")
 
 
+def compute_finfo(dtype: torch.dtype) -> torch.finfo:
+    """The range and precision the native kernels compute in for `dtype`: float64 for float64,
+    float32 for every narrower type."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 def check_like(
     tensor: torch.Tensor, reference: torch.Tensor, name: str, reference_name: str, same_dtype: bool = True
 ) -> None:
@@ -70,10 +76,16 @@ def check_rq_spline_args(
         )
     if not 0 < tail_bound < math.inf:
         raise ValueError(f"nflux: tail_bound must be positive and finite, got {tail_bound}")
-    # A zero minimum lets a bin collapse to zero width or height: a 0/0 slope inside it.
+    # A zero minimum lets a bin collapse to zero width or height: a 0/0 slope inside it. So does
+    # one below the arithmetic's resolution: its knot rounds onto the neighbour next to
+    # +-tail_bound (a bin of 2 * tail_bound * value must span a few units in the last place).
+    finfo = compute_finfo(inputs.dtype)
     for name, value in (("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)):
         if not (0 < value and value * K < 1):
             raise ValueError(f"nflux: {name} * K must be in (0, 1), got {value} * {K}")
+        if value < 2 * finfo.eps:
+            raise ValueError(f"nflux: {name} = {value} is below what {finfo.dtype} arithmetic resolves next to "
+                             f"+-tail_bound (at least {2 * finfo.eps:.3g}); use float64 inputs for smaller bins")
     if not 0 < min_derivative < math.inf:
         raise ValueError(f"nflux: min_derivative must be positive and finite, got {min_derivative}")
     return K
@@ -104,8 +116,11 @@ def check_affine_coupling_args(
             raise ValueError(f"nflux: {name} must have the shape of x {_shape(x)}, got {_shape(tensor)}")
     if scale not in SCALE_KINDS:
         raise ValueError(f"nflux: scale must be one of {sorted(SCALE_KINDS)}, got {scale!r}")
-    if clamp is not None and not 0 < clamp < math.inf:
-        raise ValueError(f"nflux: clamp must be positive and finite, or None, got {clamp}")
+    # clamp * tanh(s / clamp) needs clamp and 1 / clamp finite in the kernels' arithmetic.
+    finfo = compute_finfo(x.dtype)
+    if clamp is not None and not 1 / finfo.max <= clamp <= finfo.max:
+        raise ValueError(f"nflux: clamp must be positive and finite, with 1 / clamp finite in {finfo.dtype}, "
+                         f"or None, got {clamp}")
     return 0 if scale_logits is None else SCALE_KINDS[scale]
 
 
@@ -143,6 +158,15 @@ def check_lu_conv1x1_args(
         if tuple(tensor.shape) != shape:
             raise ValueError(f"nflux: {name} must have shape {list(shape)}, got {_shape(tensor)}")
     return C
+
+
+def check_input_vectors(x: torch.Tensor, **vectors: torch.Tensor | None) -> None:
+    """lu_conv1x1's input_shift and input_log_scale: None, or [C] and like x."""
+    for name, v in vectors.items():
+        if v is not None:
+            check_like(v, x, name, "x")
+            if tuple(v.shape) != (x.shape[1],):
+                raise ValueError(f"nflux: {name} must have shape [{x.shape[1]}], got {_shape(v)}")
 
 
 def check_masked_linear_args(

@@ -10,7 +10,7 @@ import torch
 
 from nflux import _extension
 from nflux.ops import _autocast, reference
-from nflux.ops._checks import check_like, check_lu_conv1x1_args
+from nflux.ops._checks import check_input_vectors, check_like, check_lu_conv1x1_args
 
 
 def lu_conv1x1(
@@ -48,11 +48,7 @@ def lu_conv1x1(
             x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale
         )
     check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
-    for name, v in (("input_shift", input_shift), ("input_log_scale", input_log_scale)):
-        if v is not None:
-            check_like(v, x, name, "x")
-            if tuple(v.shape) != (x.shape[1],):
-                raise ValueError(f"nflux: {name} must have shape [{x.shape[1]}], got {list(v.shape)}")
+    check_input_vectors(x, input_shift=input_shift, input_log_scale=input_log_scale)
     if _extension.loaded:
         return torch.ops.nflux.lu_conv1x1(
             x, perm, lower, upper, log_scale, sign, bias, bool(inverse), input_shift, input_log_scale
@@ -81,7 +77,7 @@ def _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias
     with input_log_scale: W diag(e^s) scales U's columns and adds s to log_scale. Returns
     (upper', log_scale')."""
     _check_actnorm(lower, actnorm_log_scale, actnorm_bias)
-    return upper * torch.exp(actnorm_log_scale), log_scale + actnorm_log_scale
+    return reference.fold_input_log_scale(upper, log_scale, actnorm_log_scale)
 
 
 def actnorm_lu_conv1x1(

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from nflux.ops import _autocast
 from nflux.ops._checks import (
     check_affine_coupling_args,
+    check_input_vectors,
     check_lu_conv1x1_args,
     check_made_inverse_args,
     check_masked_linear_args,
@@ -86,9 +87,10 @@ def rq_spline(
         bq = h * d0 - dy * curvature
         c = -s * dy
         discriminant = (bq.square() - 4 * a * c).clamp(min=0)
-        theta = ((2 * c) / (-bq - discriminant.sqrt())).clamp(0, 1)
-        # The right knot itself is theta = 1 (the root cancels to just under it when d0 >> s).
-        theta = torch.where(dy >= h, torch.ones_like(theta), theta)
+        root = (2 * c) / (-bq - discriminant.sqrt())
+        # The right knot itself is theta = 1 (the root cancels to just under it when d0 >> s):
+        # the value is set, the root's derivative kept (dx/dy there is not 0).
+        theta = torch.where(dy >= h, root + (1 - root).detach(), root.clamp(0, 1))
 
     t = theta * (1 - theta)
     denominator = s + (d0 + d1 - 2 * s) * t
@@ -146,6 +148,12 @@ def lu_weight(
     return (unit_lower @ upper_diag)[perm]
 
 
+def fold_input_log_scale(upper: torch.Tensor, log_scale: torch.Tensor, input_log_scale: torch.Tensor):
+    """(upper', log_scale') with W' = W diag(exp(input_log_scale)):
+    P L (U diag(e^s) + D diag(e^s)) scales U's columns and adds s to log_scale."""
+    return upper * torch.exp(input_log_scale), log_scale + input_log_scale
+
+
 def lu_conv1x1(
     x: torch.Tensor,
     perm: torch.Tensor,
@@ -161,12 +169,10 @@ def lu_conv1x1(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Invertible 1x1 convolution / LU linear layer; see nflux.ops.lu_conv1x1."""
     check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
+    check_input_vectors(x, input_shift=input_shift, input_log_scale=input_log_scale)
     if input_log_scale is not None:
-        # W diag(exp(s)) = P L (U diag(exp(s)) + D diag(exp(s))): U's columns and log_scale.
-        check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, input_log_scale)
-        upper, log_scale = upper * torch.exp(input_log_scale), log_scale + input_log_scale
+        upper, log_scale = fold_input_log_scale(upper, log_scale, input_log_scale)
     if input_shift is not None:
-        check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, input_shift)
         s = input_shift if x.dim() == 2 else input_shift[:, None, None]
         if inverse:
             out, lad = lu_conv1x1(x, perm, lower, upper, log_scale, sign, bias, inverse=True)

@@ -60,12 +60,7 @@ class ActNorm2d(ActNorm):
     pixels), without host syncs (see `nflux.transforms.ActNorm`). logabsdet is
     H * W * sum(log_scale + s0)."""
 
-    def _batch_stats(self, x):
-        # Per channel, over batch and pixels, reduced in place (no channels-last copy of x).
-        if x.shape[0] * x.shape[2] * x.shape[3] == 1:
-            return x.reshape(-1), torch.ones_like(x.reshape(-1))
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-        return mean, var.sqrt()
+    _stats_dims = (0, 2, 3)  # per channel, over batch and pixels
 
     def effective(self, x: torch.Tensor | None = None):
         """(log_scale, bias) of the affine map in use; runs the data init if `x` is given."""
@@ -126,7 +121,8 @@ class ActNormInvConv1x1(Transform):
                                       inverse=inverse)
 
     def _folded(self):
-        # ActNorm folded into the factors by actnorm_lu_conv1x1's own helper.
+        # ActNorm's scale folded into the factors (as the op folds input_log_scale), its bias
+        # the input shift.
         log_scale, bias = self.actnorm.effective()
         c = self.conv
         upper, folded_log_scale = _fold_actnorm_scale(c.lower, c.upper, c.log_scale, log_scale, bias)

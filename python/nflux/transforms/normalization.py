@@ -62,12 +62,22 @@ class ActNorm(Transform):
         if saved is not None:
             self._initialized = bool(saved)  # one read when loading, none per step
 
+    #: The dimensions a feature's statistics are taken over (the batch; ActNorm2d adds pixels).
+    _stats_dims: tuple[int, ...] = (0,)
+
     def _batch_stats(self, x: torch.Tensor):
-        """Per-feature mean and standard deviation of a batch. A feature constant over the batch
-        (every feature of a single row, or of one point broadcast against many contexts) gets
-        std 1: dividing by eps would scale it by 1e6 for good."""
-        mean = x.mean(0)
-        std = x.std(0, correction=0) if x.shape[0] > 1 else torch.ones_like(mean)
+        """Per-feature mean and standard deviation of a batch's finite entries. A feature
+        constant over the batch (every feature of a single row, or of one point broadcast
+        against many contexts) gets std 1: dividing by eps would scale it by 1e6 for good. A
+        NaN or inf entry is left out (one bad value must not set the layer to NaN for every
+        later batch); a feature with no finite entry gets mean 0, std 1."""
+        dims = self._stats_dims
+        finite = torch.isfinite(x)
+        count = finite.sum(dims).clamp(min=1)
+        mean = torch.where(finite, x, 0).sum(dims) / count
+        per_feature = (slice(None),) + (None,) * (x.dim() - 2)  # mean along the feature dim 1
+        var = torch.where(finite, x - mean[per_feature], 0).square().sum(dims) / count
+        std = var.sqrt()
         return mean, torch.where(std > 0, std, torch.ones_like(std))
 
     def forward(self, x, context=None):
