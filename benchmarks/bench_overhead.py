@@ -1,4 +1,5 @@
-"""Per-call costs that are not kernels: the autograd wrapper of rq_spline and the optimizer step.
+"""Per-call costs that are not kernels: the autograd wrapper of rq_spline, the [C, C] parameter
+work of a Glow step, and the optimizer step.
 
 1. rq_spline at a tiny batch (4 x 16 elements, K = 8), forward with grad and forward+backward:
    nflux's C++ autograd kernel against a twin op whose autograd is registered with
@@ -7,6 +8,11 @@
 2. One Adam step on the parameters of two models the trainer builds: torch's default (a loop
    over parameter tensors on CPU), foreach, and fused; `nflux train` uses fused for plain
    contiguous parameters and foreach otherwise (make_adam in nflux/training/trainer.py).
+3. An ActNorm + 1x1 conv step (nflux.ops.actnorm_lu_conv1x1, forward+backward) on one row, so
+   that the [C, C] parameter work is all there is: lu_conv1x1's CPU host path (one loop over
+   the factors, one over their gradients) against its ATen-composed path (the one CUDA takes,
+   selected with nflux._C._set_lu_host_path(False)) and the unfused torch step of
+   bench_coupling.py, at C = 16 and 64.
 
 Times are the best of --rounds interleaved rounds.
 
@@ -68,6 +74,29 @@ def spline_wrappers(rounds: int) -> None:
     H.print_table(["wrapper", "pass", "time", "time / nflux"], rows)
 
 
+def glow_step_parameter_work(rounds: int) -> None:
+    import bench_coupling as BC  # its step inputs and unfused step
+
+    rows = []
+    for C in (16, 64):
+        tensors = BC.step_inputs((1, C), "cpu", torch.float32, True)
+
+        def on_path(host):
+            def run():
+                nflux._C._set_lu_host_path(host)
+                BC.fwd_bwd(BC.step_nflux, tensors)
+            return run
+
+        fns = {"nflux, host path": on_path(True), "nflux, ATen path (as CUDA)": on_path(False),
+               "unfused torch": lambda: BC.fwd_bwd(BC.step_unfused, tensors)}
+        times = H.time_interleaved(fns, rounds=rounds, warmup=10)
+        nflux._C._set_lu_host_path(True)
+        ours = times["nflux, host path"]
+        rows += [[str(C), name, H.fmt_time(t), f"{t / ours:.2f}x"] for name, t in times.items()]
+    print("\nActNorm + 1x1 conv step, batch 1, forward+backward: the [C, C] parameter work")
+    H.print_table(["C", "impl", "time", "time / host path"], rows)
+
+
 def adam_steps(rounds: int) -> None:
     digits = nflux.data.load("digits")
     models = {
@@ -103,6 +132,7 @@ def main() -> None:
     print(f"overhead benchmark: cpu, threads={torch.get_num_threads()}, torch={torch.__version__}, "
           f"nflux extension={nflux.build_info()['extension_loaded']}")
     spline_wrappers(args.rounds)
+    glow_step_parameter_work(args.rounds)
     adam_steps(max(args.rounds // 10, 5))
 
 
