@@ -26,6 +26,11 @@ inline double compute_max(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
                                         : std::numeric_limits<float>::max();
 }
+// The smallest normal number: its reciprocal is finite (a subnormal's may not be).
+inline double compute_tiny(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
+                                        : std::numeric_limits<float>::min();
+}
 
 inline void check_same_dtype_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
                                     const char* ref_name) {
@@ -118,7 +123,7 @@ inline int64_t check_affine_coupling_args(const at::Tensor& x, const at::Tensor&
                 x.sizes(), ", got ", logits->sizes());
   }
   // clamp * tanh(s / clamp) needs clamp and 1 / clamp finite in the kernels' arithmetic.
-  TORCH_CHECK(!clamp.has_value() || (*clamp >= 1 / compute_max(x) && *clamp <= compute_max(x)),
+  TORCH_CHECK(!clamp.has_value() || (*clamp >= compute_tiny(x) && *clamp <= compute_max(x)),
               "nflux: clamp must be positive and finite, with 1 / clamp finite in the kernels' "
               "arithmetic, got ", clamp.value_or(0.0));
   return scale_kind;

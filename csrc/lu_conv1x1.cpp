@@ -1,10 +1,10 @@
 // lu_conv1x1 and lu_conv1x1_backward: Glow's invertible 1x1 convolution (and the LU linear
 // layer of MAF/NSF) with W = P (L + I)(U + diag(sign * exp(log_scale))), P = I[perm].
-// The data side is ATen calls only (the GEMMs go to MKL/cuBLAS), so one
-// CompositeExplicitAutograd kernel serves every device; the [C, C] parameter side takes one
-// host loop on the CPU (see host_fast_path). W (or W^-1, from two triangular solves) is built
-// once per call and the data crosses one batched GEMM on its [B, C, H*W] view, with the bias
-// folded into it.
+// The GEMMs and triangular solves are ATen calls (MKL/cuBLAS), so one CompositeExplicitAutograd
+// kernel serves every device; for CPU float/double the elementwise [C, C] parameter work (the
+// factors, and their gradients) is a host loop each instead of ATen calls (see
+// host_fast_path). W (or W^-1, from two triangular solves) is built once per call and the data
+// crosses one batched GEMM on its [B, C, H*W] view, with the bias folded into it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -48,8 +48,9 @@ struct Factors {
 
 std::atomic<bool> host_path_enabled{true};
 
-// Small float/double CPU matrices take one pass over raw memory instead of about ten ATen
-// calls: at C = 64 the calls, not the arithmetic, were most of a small batch's time.
+// CPU float/double parameters take one pass over raw memory instead of about ten ATen calls
+// each way: at C = 64 the calls, not the arithmetic, were most of a small batch's time (and
+// for large C the passes cost what the ATen calls' passes cost).
 bool host_fast_path(const at::Tensor& lower) {
   return lower.is_cpu() &&
          (lower.scalar_type() == at::kFloat || lower.scalar_type() == at::kDouble) &&
@@ -77,7 +78,7 @@ struct HostParams {
   at::Tensor lower_t, upper_t, log_scale_t, sign_t, input_log_scale_t;
   const T *lower, *upper, *log_scale, *sign, *input_log_scale;
   std::vector<int64_t> perm;
-  std::vector<T> column_scale;  // exp(input_log_scale), or empty
+  std::vector<T> column_scale;  // exp(input_log_scale), or ones
   int64_t C;
 
   HostParams(const LuParams& p, std::vector<int64_t> host_perm)
@@ -85,18 +86,17 @@ struct HostParams {
         log_scale_t(p.log_scale.contiguous()), sign_t(p.sign.contiguous()),
         lower(lower_t.data_ptr<T>()), upper(upper_t.data_ptr<T>()),
         log_scale(log_scale_t.data_ptr<T>()), sign(sign_t.data_ptr<T>()),
-        input_log_scale(nullptr), perm(std::move(host_perm)), C(lower_t.size(0)) {
+        input_log_scale(nullptr), perm(std::move(host_perm)),
+        column_scale(lower_t.size(0), T(1)), C(lower_t.size(0)) {
     if (p.input_log_scale) {
       input_log_scale_t = p.input_log_scale->contiguous();
       input_log_scale = input_log_scale_t.data_ptr<T>();
-      column_scale.resize(C);
       for (int64_t j = 0; j < C; ++j) column_scale[j] = std::exp(input_log_scale[j]);
     }
   }
   T total_log_scale(int64_t i) const {
     return input_log_scale ? log_scale[i] + input_log_scale[i] : log_scale[i];
   }
-  T column(int64_t j) const { return input_log_scale ? column_scale[j] : T(1); }
 };
 
 template <typename T>
@@ -110,18 +110,20 @@ void fill_factors(const HostParams<T>& p, T* unit_lower, T* permuted_lower, T* u
     const T* l = p.lower + i * C;
     const T* u = p.upper + i * C;
     T* ud = upper_diag + i * C;
-    for (int64_t j = 0; j < C; ++j) ud[j] = j > i ? u[j] * p.column(j) : T(0);
+    for (int64_t j = 0; j < C; ++j) ud[j] = j > i ? u[j] * p.column_scale[j] : T(0);
     ud[i] = p.sign[i] * std::exp(s);
     if (unit_lower != nullptr) {
       T* ul = unit_lower + i * C;
       for (int64_t j = 0; j < C; ++j) ul[j] = j < i ? l[j] : T(0);
       ul[i] = T(1);
     }
-    const int64_t r = p.perm[i];
-    const T* lr = p.lower + r * C;
-    T* pl = permuted_lower + i * C;
-    for (int64_t j = 0; j < C; ++j) pl[j] = j < r ? lr[j] : T(0);
-    pl[r] = T(1);
+    if (permuted_lower != nullptr) {
+      const int64_t r = p.perm[i];
+      const T* lr = p.lower + r * C;
+      T* pl = permuted_lower + i * C;
+      for (int64_t j = 0; j < C; ++j) pl[j] = j < r ? lr[j] : T(0);
+      pl[r] = T(1);
+    }
   }
   log_scale_sum = total;
 }
@@ -132,7 +134,8 @@ std::pair<at::Tensor, at::Tensor> folded_upper_log_scale(const LuParams& p) {
   return {p.upper * at::exp(*p.input_log_scale), p.log_scale + *p.input_log_scale};
 }
 
-Factors make_factors(const LuParams& p, bool need_unit_lower) {
+// need_unit_lower: the inverse's solves; need_permuted_lower: W itself (forward, backward).
+Factors make_factors(const LuParams& p, bool need_unit_lower, bool need_permuted_lower) {
   Factors f;
   if (host_fast_path(p.lower)) {
     const int64_t C = p.lower.size(0);
@@ -140,12 +143,12 @@ Factors make_factors(const LuParams& p, bool need_unit_lower) {
     f.on_host = true;
     f.host_perm = read_host_perm(p.perm);
     f.upper_diag = at::empty({C, C}, options);
-    f.permuted_lower = at::empty({C, C}, options);
+    if (need_permuted_lower) f.permuted_lower = at::empty({C, C}, options);
     if (need_unit_lower) f.unit_lower = at::empty({C, C}, options);
     AT_DISPATCH_FLOATING_TYPES(p.lower.scalar_type(), "lu_factors", [&] {
       fill_factors<scalar_t>(HostParams<scalar_t>(p, f.host_perm),
                              need_unit_lower ? f.unit_lower.data_ptr<scalar_t>() : nullptr,
-                             f.permuted_lower.data_ptr<scalar_t>(),
+                             need_permuted_lower ? f.permuted_lower.data_ptr<scalar_t>() : nullptr,
                              f.upper_diag.data_ptr<scalar_t>(), f.log_scale_sum);
     });
     return f;
@@ -156,7 +159,7 @@ Factors make_factors(const LuParams& p, bool need_unit_lower) {
   unit_lower.diagonal().fill_(1);
   auto upper_diag = upper.triu(1);
   upper_diag.diagonal().copy_(p.sign * at::exp(log_scale));
-  f.permuted_lower = unit_lower.index_select(0, p.perm);
+  if (need_permuted_lower) f.permuted_lower = unit_lower.index_select(0, p.perm);
   f.unit_lower = unit_lower;
   f.upper_diag = upper_diag;
   return f;
@@ -178,31 +181,31 @@ struct ParameterGrads {
 
 // Gradients of the parameters from dL/dW (W = P L1 UD, L1 = L + I, UD = U' + D):
 // dL/d(P L1) = dL/dW UD^T, whose row i belongs to row perm[i] of L1; dL/dUD = (P L1)^T dL/dW;
-// d UD_ii / d log_scale_i = D_ii; logabsdet adds lad_factor * sum(grad_logabsdet) to each.
-// With input_log_scale s: U' = U diag(exp(s)), so dL/dU = dL/dU' diag(exp(s)), and
-// dL/ds_j = sum_i dL/dU'_ij U'_ij + dL/dlog_scale_j.
+// d UD_ii / d log_scale_i = UD_ii; logabsdet adds lad_factor * sum(grad_logabsdet) to each.
+// With input_log_scale s: U' = U diag(exp(s)) (UD's strict upper triangle), so
+// dL/dU = dL/dU' diag(exp(s)) and dL/ds_j = sum_i dL/dU'_ij U'_ij + dL/dlog_scale_j.
 template <typename T>
-void fill_parameter_grads(const HostParams<T>& p, const T* grad_pl, const T* grad_ud,
+void fill_parameter_grads(const std::vector<int64_t>& perm, const T* column_scale,
+                          const T* upper_diag, const T* grad_pl, const T* grad_ud,
                           const T* grad_lad, int64_t B, double lad_factor, T* grad_lower,
-                          T* grad_upper, T* grad_log_scale, T* grad_input_log_scale) {
-  const int64_t C = p.C;
+                          T* grad_upper, T* grad_log_scale, T* grad_input_log_scale, int64_t C) {
   double lad_total = 0;
   for (int64_t b = 0; b < B; ++b) lad_total += static_cast<double>(grad_lad[b]);
   const T lad_grad = static_cast<T>(lad_factor * lad_total);
   if (grad_input_log_scale != nullptr) std::fill(grad_input_log_scale, grad_input_log_scale + C, T(0));
   for (int64_t i = 0; i < C; ++i) {
-    const int64_t r = p.perm[i];
+    const int64_t r = perm[i];
     const T* gp = grad_pl + i * C;
     T* gl = grad_lower + r * C;
     for (int64_t j = 0; j < C; ++j) gl[j] = j < r ? gp[j] : T(0);
     const T* gu = grad_ud + i * C;
-    const T* u = p.upper + i * C;
+    const T* ud = upper_diag + i * C;
     T* out = grad_upper + i * C;
-    for (int64_t j = 0; j < C; ++j) out[j] = j > i ? gu[j] * p.column(j) : T(0);
+    for (int64_t j = 0; j < C; ++j) out[j] = j > i ? gu[j] * column_scale[j] : T(0);
     if (grad_input_log_scale != nullptr) {
-      for (int64_t j = i + 1; j < C; ++j) grad_input_log_scale[j] += out[j] * u[j];
+      for (int64_t j = i + 1; j < C; ++j) grad_input_log_scale[j] += gu[j] * ud[j];
     }
-    grad_log_scale[i] = gu[i] * p.sign[i] * std::exp(p.total_log_scale(i)) + lad_grad;
+    grad_log_scale[i] = gu[i] * ud[i] + lad_grad;
   }
   if (grad_input_log_scale != nullptr) {
     for (int64_t j = 0; j < C; ++j) grad_input_log_scale[j] += grad_log_scale[j];
@@ -221,23 +224,25 @@ ParameterGrads parameter_grads(const Factors& f, const at::Tensor& grad_w, const
     g.log_scale = at::empty({C}, grad_w.options());
     if (p.input_log_scale) g.input_log_scale = at::empty({C}, grad_w.options());
     const auto gl = grad_logabsdet.contiguous();
+    const auto column_scale = p.input_log_scale ? at::exp(*p.input_log_scale).contiguous()
+                                                : at::ones({C}, grad_w.options());
     AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "lu_parameter_grads", [&] {
       fill_parameter_grads<scalar_t>(
-          HostParams<scalar_t>(p, f.host_perm), grad_pl.data_ptr<scalar_t>(), grad_ud.data_ptr<scalar_t>(),
-          gl.data_ptr<scalar_t>(), gl.numel(), lad_factor, g.lower.data_ptr<scalar_t>(),
-          g.upper.data_ptr<scalar_t>(), g.log_scale.data_ptr<scalar_t>(),
-          p.input_log_scale ? g.input_log_scale.data_ptr<scalar_t>() : nullptr);
+          f.host_perm, column_scale.data_ptr<scalar_t>(), f.upper_diag.data_ptr<scalar_t>(),
+          grad_pl.data_ptr<scalar_t>(), grad_ud.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(),
+          gl.numel(), lad_factor, g.lower.data_ptr<scalar_t>(), g.upper.data_ptr<scalar_t>(),
+          g.log_scale.data_ptr<scalar_t>(),
+          p.input_log_scale ? g.input_log_scale.data_ptr<scalar_t>() : nullptr, C);
     });
     return g;
   }
-  const auto [upper, log_scale] = folded_upper_log_scale(p);
   g.lower = at::zeros_like(grad_pl).index_copy_(0, p.perm, grad_pl).tril_(-1);
-  g.log_scale = (grad_ud.diagonal() * p.sign * at::exp(log_scale)).add_(grad_logabsdet.sum(), lad_factor);
+  g.log_scale = (grad_ud.diagonal() * f.upper_diag.diagonal()).add_(grad_logabsdet.sum(), lad_factor);
   g.upper = grad_ud.triu_(1);
   if (p.input_log_scale) {
-    // Only U's strict upper triangle enters W: entries below it (an inf, say) must not reach
-    // the gradient as inf * 0.
-    g.input_log_scale = (g.upper * upper.triu(1)).sum(0) + g.log_scale;
+    // upper_diag holds U' only in its strict upper triangle: entries below it (an inf, say)
+    // never meet the gradient as inf * 0.
+    g.input_log_scale = (g.upper * f.upper_diag).sum(0) + g.log_scale;
     g.upper = g.upper * at::exp(*p.input_log_scale);
   }
   return g;
@@ -312,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> lu_conv1x1(const at::Tensor& x, const at::Ten
   check_input_vector(input_shift, x, "input_shift");
   check_input_vector(input_log_scale, x, "input_log_scale");
   const LuParams p{perm, lower, upper, log_scale, sign, input_log_scale};
-  const auto f = make_factors(p, /*need_unit_lower=*/inverse);
+  const auto f = make_factors(p, /*need_unit_lower=*/inverse, /*need_permuted_lower=*/!inverse);
   at::Tensor y;
   if (!inverse) {
     const auto w = weight(f);
@@ -346,7 +351,7 @@ SevenTensors lu_conv1x1_backward(const at::Tensor& grad_y, const at::Tensor& gra
               "nflux: grad_logabsdet must have shape [", x.size(0), "], got ",
               grad_logabsdet.sizes());
   const LuParams p{perm, lower, upper, log_scale, sign, input_log_scale};
-  const auto f = make_factors(p, /*need_unit_lower=*/inverse);
+  const auto f = make_factors(p, /*need_unit_lower=*/inverse, /*need_permuted_lower=*/true);
   // Materialised once (an expanded gradient, as from y.sum(), would otherwise be copied twice).
   const auto gy = grad_y.contiguous();
   const bool need_offset_grad = bias.has_value() || input_shift.has_value();

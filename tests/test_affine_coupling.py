@@ -216,6 +216,7 @@ def test_compile_fullgraph():
         (dict(clamp=float("inf")), "clamp must be positive and finite"),
         # 1 / clamp overflows float32 (s = 0 then gave 0 * inf = NaN); clamp itself too.
         (dict(clamp=1e-40), "1 / clamp finite in float32"),
+        (dict(clamp=2.94e-39), "1 / clamp finite in float32"),  # subnormal: 1 / clamp is inf
         (dict(clamp=1e39), "1 / clamp finite in float32"),
     ],
 )

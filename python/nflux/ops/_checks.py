@@ -118,7 +118,7 @@ def check_affine_coupling_args(
         raise ValueError(f"nflux: scale must be one of {sorted(SCALE_KINDS)}, got {scale!r}")
     # clamp * tanh(s / clamp) needs clamp and 1 / clamp finite in the kernels' arithmetic.
     finfo = compute_finfo(x.dtype)
-    if clamp is not None and not 1 / finfo.max <= clamp <= finfo.max:
+    if clamp is not None and not finfo.tiny <= clamp <= finfo.max:
         raise ValueError(f"nflux: clamp must be positive and finite, with 1 / clamp finite in {finfo.dtype}, "
                          f"or None, got {clamp}")
     return 0 if scale_logits is None else SCALE_KINDS[scale]

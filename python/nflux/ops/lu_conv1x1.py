@@ -1,7 +1,8 @@
 """Invertible 1x1 convolution (Glow) and LU linear layer (MAF/NSF), with an ActNorm fold.
 
-The op is composed of ATen calls in C++ (one CompositeExplicitAutograd kernel), so it runs
-natively on every device; the channel-mixing GEMM goes to MKL/cuBLAS.
+The op is one CompositeExplicitAutograd kernel in C++, so it runs natively on every device: the
+channel-mixing GEMM goes to MKL/cuBLAS, and on the CPU (float/double) the [C, C] parameter work
+is a host loop each way instead of small ATen calls.
 """
 
 from __future__ import annotations

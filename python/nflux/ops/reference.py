@@ -150,8 +150,10 @@ def lu_weight(
 
 def fold_input_log_scale(upper: torch.Tensor, log_scale: torch.Tensor, input_log_scale: torch.Tensor):
     """(upper', log_scale') with W' = W diag(exp(input_log_scale)):
-    P L (U diag(e^s) + D diag(e^s)) scales U's columns and adds s to log_scale."""
-    return upper * torch.exp(input_log_scale), log_scale + input_log_scale
+    P L (U diag(e^s) + D diag(e^s)) scales U's columns and adds s to log_scale. Only U's strict
+    upper triangle enters W, so only it is scaled (an inf below it must not become a NaN
+    gradient through inf * 0)."""
+    return torch.triu(upper, 1) * torch.exp(input_log_scale), log_scale + input_log_scale
 
 
 def lu_conv1x1(
