@@ -140,11 +140,13 @@ inline void check_affine_coupling_grads(const at::Tensor& grad_y, const at::Tens
 }
 
 // lu_conv1x1: x [B, C] or [B, C, H, W]; perm int64 [C]; lower, upper [C, C]; log_scale, sign
-// and bias [C]. Returns C.
+// and bias, input_shift, input_log_scale (ActNorm's, folded in) [C]. Returns C.
 inline int64_t check_lu_conv1x1_args(const at::Tensor& x, const at::Tensor& perm,
                                      const at::Tensor& lower, const at::Tensor& upper,
                                      const at::Tensor& log_scale, const at::Tensor& sign,
-                                     const std::optional<at::Tensor>& bias) {
+                                     const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& input_shift = std::nullopt,
+                                     const std::optional<at::Tensor>& input_log_scale = std::nullopt) {
   check_floating(x, "x");
   TORCH_CHECK(x.dim() == 2 || x.dim() == 4, "nflux: x must have shape [B, C] or [B, C, H, W], got ",
               x.sizes());
@@ -170,6 +172,8 @@ inline int64_t check_lu_conv1x1_args(const at::Tensor& x, const at::Tensor& perm
   check_vector(log_scale, "log_scale");
   check_vector(sign, "sign");
   if (bias.has_value()) check_vector(*bias, "bias");
+  if (input_shift.has_value()) check_vector(*input_shift, "input_shift");
+  if (input_log_scale.has_value()) check_vector(*input_log_scale, "input_log_scale");
   return C;
 }
 

@@ -281,14 +281,6 @@ at::Tensor row_logabsdet(const at::Tensor& x, const LuParams& p, const Factors& 
   return (total * factor).expand({x.size(0)}).contiguous();
 }
 
-// input_shift and input_log_scale (ActNorm's bias and scale) are [C] vectors like x.
-void check_input_vector(const std::optional<at::Tensor>& v, const at::Tensor& x, const char* name) {
-  if (!v) return;
-  check_same_dtype_device(*v, x, name, "x");
-  TORCH_CHECK(v->dim() == 1 && v->size(0) == x.size(1), "nflux: ", name, " must have shape [",
-              x.size(1), "], got ", v->sizes());
-}
-
 // y = W (x + input_shift) + bias = W x + (W input_shift + bias): the shift (ActNorm's bias, when
 // ActNorm's scale is folded into the LU factors) costs one [C] matrix-vector product.
 std::optional<at::Tensor> forward_offset(const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -313,9 +305,7 @@ std::tuple<at::Tensor, at::Tensor> lu_conv1x1(const at::Tensor& x, const at::Ten
                                               const std::optional<at::Tensor>& bias, bool inverse,
                                               const std::optional<at::Tensor>& input_shift,
                                               const std::optional<at::Tensor>& input_log_scale) {
-  check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias);
-  check_input_vector(input_shift, x, "input_shift");
-  check_input_vector(input_log_scale, x, "input_log_scale");
+  check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias, input_shift, input_log_scale);
   const LuParams p{perm, lower, upper, log_scale, sign, input_log_scale};
   const auto f = make_factors(p, /*need_unit_lower=*/inverse, /*need_permuted_lower=*/!inverse);
   at::Tensor y;
@@ -340,9 +330,7 @@ SevenTensors lu_conv1x1_backward(const at::Tensor& grad_y, const at::Tensor& gra
                                  const std::optional<at::Tensor>& bias, bool inverse,
                                  const std::optional<at::Tensor>& input_shift,
                                  const std::optional<at::Tensor>& input_log_scale) {
-  check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias);
-  check_input_vector(input_shift, x, "input_shift");
-  check_input_vector(input_log_scale, x, "input_log_scale");
+  check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias, input_shift, input_log_scale);
   check_same_dtype_device(grad_y, x, "grad_y", "x");
   check_same_dtype_device(grad_logabsdet, x, "grad_logabsdet", "x");
   TORCH_CHECK(grad_y.sizes() == x.sizes(), "nflux: grad_y must have the shape of x ", x.sizes(),

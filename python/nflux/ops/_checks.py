@@ -132,6 +132,8 @@ def check_lu_conv1x1_args(
     log_scale: torch.Tensor,
     sign: torch.Tensor,
     bias: torch.Tensor | None,
+    input_shift: torch.Tensor | None = None,
+    input_log_scale: torch.Tensor | None = None,
 ) -> int:
     """Validates lu_conv1x1's arguments and returns the number of channels C."""
     check_floating(x, "x")
@@ -151,6 +153,8 @@ def check_lu_conv1x1_args(
         ("log_scale", log_scale, (C,)),
         ("sign", sign, (C,)),
         ("bias", bias, (C,)),
+        ("input_shift", input_shift, (C,)),
+        ("input_log_scale", input_log_scale, (C,)),
     ):
         if tensor is None:
             continue
@@ -158,15 +162,6 @@ def check_lu_conv1x1_args(
         if tuple(tensor.shape) != shape:
             raise ValueError(f"nflux: {name} must have shape {list(shape)}, got {_shape(tensor)}")
     return C
-
-
-def check_input_vectors(x: torch.Tensor, **vectors: torch.Tensor | None) -> None:
-    """lu_conv1x1's input_shift and input_log_scale: None, or [C] and like x."""
-    for name, v in vectors.items():
-        if v is not None:
-            check_like(v, x, name, "x")
-            if tuple(v.shape) != (x.shape[1],):
-                raise ValueError(f"nflux: {name} must have shape [{x.shape[1]}], got {_shape(v)}")
 
 
 def check_masked_linear_args(

@@ -11,7 +11,7 @@ import torch
 
 from nflux import _extension
 from nflux.ops import _autocast, reference
-from nflux.ops._checks import check_input_vectors, check_like, check_lu_conv1x1_args
+from nflux.ops._checks import check_like, check_lu_conv1x1_args
 
 
 def lu_conv1x1(
@@ -48,8 +48,7 @@ def lu_conv1x1(
         x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale = _autocast.to_float32_or_wider(
             x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale
         )
-    check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
-    check_input_vectors(x, input_shift=input_shift, input_log_scale=input_log_scale)
+    check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias, input_shift, input_log_scale)
     if _extension.loaded:
         return torch.ops.nflux.lu_conv1x1(
             x, perm, lower, upper, log_scale, sign, bias, bool(inverse), input_shift, input_log_scale

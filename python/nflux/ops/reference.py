@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from nflux.ops import _autocast
 from nflux.ops._checks import (
     check_affine_coupling_args,
-    check_input_vectors,
     check_lu_conv1x1_args,
     check_made_inverse_args,
     check_masked_linear_args,
@@ -170,8 +169,7 @@ def lu_conv1x1(
     input_log_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Invertible 1x1 convolution / LU linear layer; see nflux.ops.lu_conv1x1."""
-    check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
-    check_input_vectors(x, input_shift=input_shift, input_log_scale=input_log_scale)
+    check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias, input_shift, input_log_scale)
     if input_log_scale is not None:
         upper, log_scale = fold_input_log_scale(upper, log_scale, input_log_scale)
     if input_shift is not None:
