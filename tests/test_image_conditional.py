@@ -126,6 +126,23 @@ def test_context_errors():
         cond.log_prob(x, torch.randn(2, K + 1))
 
 
+def test_labels_are_read_by_dtype_with_named_errors():
+    flow = MODELS["glow"]((1, 4, 4), num_classes=K)
+    x, labels = torch.rand(K, 1, 4, 4), torch.arange(K)
+    expected = flow.log_prob(x, labels)
+    one_hot = torch.nn.functional.one_hot(labels, K)
+    torch.testing.assert_close(flow.log_prob(x, one_hot.float()), expected)
+    torch.testing.assert_close(flow.log_prob(x[:1], 1), flow.log_prob(x[:1], torch.tensor(1)))  # a Python int
+    # Float labels of the same length as K used to pass as one soft label; now the shape check
+    # names both forms (a batch of K float labels is still a soft label, so use another length).
+    with pytest.raises(ValueError, match="integer tensor .* of classes, or a floating one-hot"):
+        flow.log_prob(x[:2], labels[:2].float())
+    with pytest.raises(ValueError, match=rf"class labels must lie in \[0, {K}\)"):
+        flow.log_prob(x, torch.tensor([0, 1, K]))
+    with pytest.raises(ValueError, match="class labels must lie"):
+        flow.sample(2, torch.tensor(-1))
+
+
 def _logistic_normal_log_density(u):
     """log density of u = sigmoid(eps), eps ~ N(0, I), summed per row."""
     v = torch.logit(u)

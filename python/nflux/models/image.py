@@ -65,17 +65,31 @@ class ImageFlow(Flow):
         self.context_features = int(num_classes if num_classes is not None else context_features)
 
     def _context(self, context):
-        """Context as float features `[*cbatch, K]` (labels one-hot encoded), or None."""
-        if self.context_features == 0:
+        """Context as float features `[*cbatch, K]` (labels one-hot encoded), or None. With
+        `num_classes`, an integer tensor (or int) holds class labels `[*cbatch]` and a floating
+        one holds one-hot (or soft) labels `[*cbatch, K]`: the dtype decides, never the shape."""
+        K = self.context_features
+        if K == 0:
             if context is not None:
                 raise ValueError("nflux: this image flow was built without context (context=0, num_classes=None)")
             return None
         if context is None:
-            raise ValueError(f"nflux: this image flow needs a context ({self.context_features} features or labels)")
+            raise ValueError(f"nflux: this image flow needs a context ({K} features or labels)")
+        if self.num_classes is not None and isinstance(context, int):
+            context = torch.tensor(context)
         if self.num_classes is not None and not context.is_floating_point():
-            return F.one_hot(context.long(), self.num_classes).to(torch.get_default_dtype())
-        if context.shape[-1:] != (self.context_features,):
-            raise ValueError(f"nflux: context must be [..., {self.context_features}], got {list(context.shape)}")
+            if torch.compiler.is_compiling():
+                return F.one_hot(context.long(), K).to(torch.get_default_dtype())
+            try:  # one_hot checks the range itself; its error does not say which argument
+                return F.one_hot(context.long(), K).to(torch.get_default_dtype())
+            except RuntimeError as error:
+                raise ValueError(f"nflux: class labels must lie in [0, {K}) ({error})") from None
+        if context.shape[-1:] != (K,):
+            if self.num_classes is not None:
+                raise ValueError(
+                    f"nflux: labels must be an integer tensor [...] of classes, or a floating one-hot tensor "
+                    f"[..., {K}]; got a {context.dtype} tensor of shape {list(context.shape)}")
+            raise ValueError(f"nflux: context must be [..., {K}], got {list(context.shape)}")
         return context
 
     def _flatten(self, x, context):
