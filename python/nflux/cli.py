@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nflux: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("nflux: interrupted (resume from the last checkpoint with --resume)", file=sys.stderr)
+        # Training writes a checkpoint when interrupted, but not before its first step.
+        hint = " (--resume continues from the last checkpoint, if one was written)" if args.command == "train" else ""
+        print(f"nflux: interrupted{hint}", file=sys.stderr)
         return 130
 
 
