@@ -72,54 +72,41 @@ std::vector<int64_t> read_host_perm(const at::Tensor& perm) {
   return out;
 }
 
-// The parameters as contiguous host arrays, input_log_scale's exponentials computed once.
-template <typename T>
-struct HostParams {
-  at::Tensor lower_t, upper_t, log_scale_t, sign_t, input_log_scale_t;
-  const T *lower, *upper, *log_scale, *sign, *input_log_scale;
-  std::vector<int64_t> perm;
-  std::vector<T> column_scale;  // exp(input_log_scale), or ones
-  int64_t C;
-
-  HostParams(const LuParams& p, std::vector<int64_t> host_perm)
-      : lower_t(p.lower.contiguous()), upper_t(p.upper.contiguous()),
-        log_scale_t(p.log_scale.contiguous()), sign_t(p.sign.contiguous()),
-        lower(lower_t.data_ptr<T>()), upper(upper_t.data_ptr<T>()),
-        log_scale(log_scale_t.data_ptr<T>()), sign(sign_t.data_ptr<T>()),
-        input_log_scale(nullptr), perm(std::move(host_perm)),
-        column_scale(lower_t.size(0), T(1)), C(lower_t.size(0)) {
-    if (p.input_log_scale) {
-      input_log_scale_t = p.input_log_scale->contiguous();
-      input_log_scale = input_log_scale_t.data_ptr<T>();
-      for (int64_t j = 0; j < C; ++j) column_scale[j] = std::exp(input_log_scale[j]);
-    }
-  }
-  T total_log_scale(int64_t i) const {
-    return input_log_scale ? log_scale[i] + input_log_scale[i] : log_scale[i];
-  }
-};
+// exp(input_log_scale), the factor on U's columns, or ones without it: [C], contiguous.
+at::Tensor column_scale(const LuParams& p) {
+  return p.input_log_scale ? at::exp(*p.input_log_scale).contiguous()
+                           : at::ones({p.lower.size(0)}, p.lower.options());
+}
 
 template <typename T>
-void fill_factors(const HostParams<T>& p, T* unit_lower, T* permuted_lower, T* upper_diag,
-                  double& log_scale_sum) {
-  const int64_t C = p.C;
+void fill_factors(const LuParams& p, const std::vector<int64_t>& perm, T* unit_lower,
+                  T* permuted_lower, T* upper_diag, double& log_scale_sum) {
+  const auto lower_t = p.lower.contiguous(), upper_t = p.upper.contiguous(),
+             log_scale_t = p.log_scale.contiguous(), sign_t = p.sign.contiguous(),
+             column_t = column_scale(p);
+  const auto in_scale_t = p.input_log_scale ? p.input_log_scale->contiguous() : at::Tensor();
+  const T *lower = lower_t.data_ptr<T>(), *upper = upper_t.data_ptr<T>(),
+          *log_scale = log_scale_t.data_ptr<T>(), *sign = sign_t.data_ptr<T>(),
+          *column = column_t.data_ptr<T>();
+  const T* input_log_scale = in_scale_t.defined() ? in_scale_t.data_ptr<T>() : nullptr;
+  const int64_t C = lower_t.size(0);
   double total = 0;
   for (int64_t i = 0; i < C; ++i) {
-    const T s = p.total_log_scale(i);
+    const T s = input_log_scale ? log_scale[i] + input_log_scale[i] : log_scale[i];
     total += static_cast<double>(s);
-    const T* l = p.lower + i * C;
-    const T* u = p.upper + i * C;
+    const T* l = lower + i * C;
+    const T* u = upper + i * C;
     T* ud = upper_diag + i * C;
-    for (int64_t j = 0; j < C; ++j) ud[j] = j > i ? u[j] * p.column_scale[j] : T(0);
-    ud[i] = p.sign[i] * std::exp(s);
+    for (int64_t j = 0; j < C; ++j) ud[j] = j > i ? u[j] * column[j] : T(0);
+    ud[i] = sign[i] * std::exp(s);
     if (unit_lower != nullptr) {
       T* ul = unit_lower + i * C;
       for (int64_t j = 0; j < C; ++j) ul[j] = j < i ? l[j] : T(0);
       ul[i] = T(1);
     }
     if (permuted_lower != nullptr) {
-      const int64_t r = p.perm[i];
-      const T* lr = p.lower + r * C;
+      const int64_t r = perm[i];
+      const T* lr = lower + r * C;
       T* pl = permuted_lower + i * C;
       for (int64_t j = 0; j < C; ++j) pl[j] = j < r ? lr[j] : T(0);
       pl[r] = T(1);
@@ -146,7 +133,7 @@ Factors make_factors(const LuParams& p, bool need_unit_lower, bool need_permuted
     if (need_permuted_lower) f.permuted_lower = at::empty({C, C}, options);
     if (need_unit_lower) f.unit_lower = at::empty({C, C}, options);
     AT_DISPATCH_FLOATING_TYPES(p.lower.scalar_type(), "lu_factors", [&] {
-      fill_factors<scalar_t>(HostParams<scalar_t>(p, f.host_perm),
+      fill_factors<scalar_t>(p, f.host_perm,
                              need_unit_lower ? f.unit_lower.data_ptr<scalar_t>() : nullptr,
                              need_permuted_lower ? f.permuted_lower.data_ptr<scalar_t>() : nullptr,
                              f.upper_diag.data_ptr<scalar_t>(), f.log_scale_sum);
@@ -224,11 +211,10 @@ ParameterGrads parameter_grads(const Factors& f, const at::Tensor& grad_w, const
     g.log_scale = at::empty({C}, grad_w.options());
     if (p.input_log_scale) g.input_log_scale = at::empty({C}, grad_w.options());
     const auto gl = grad_logabsdet.contiguous();
-    const auto column_scale = p.input_log_scale ? at::exp(*p.input_log_scale).contiguous()
-                                                : at::ones({C}, grad_w.options());
+    const auto column = column_scale(p);
     AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "lu_parameter_grads", [&] {
       fill_parameter_grads<scalar_t>(
-          f.host_perm, column_scale.data_ptr<scalar_t>(), f.upper_diag.data_ptr<scalar_t>(),
+          f.host_perm, column.data_ptr<scalar_t>(), f.upper_diag.data_ptr<scalar_t>(),
           grad_pl.data_ptr<scalar_t>(), grad_ud.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(),
           gl.numel(), lad_factor, g.lower.data_ptr<scalar_t>(), g.upper.data_ptr<scalar_t>(),
           g.log_scale.data_ptr<scalar_t>(),

@@ -6,6 +6,7 @@ torch.compile and never synchronise with a device.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,6 +19,7 @@ def check_floating(tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"nflux: {name} must be a floating-point tensor, got dtype {tensor.dtype}")
 
 
+@functools.lru_cache(maxsize=None)
 def compute_finfo(dtype: torch.dtype) -> torch.finfo:
     """The range and precision the native kernels compute in for `dtype`: float64 for float64,
     float32 for every narrower type."""
@@ -117,10 +119,11 @@ def check_affine_coupling_args(
     if scale not in SCALE_KINDS:
         raise ValueError(f"nflux: scale must be one of {sorted(SCALE_KINDS)}, got {scale!r}")
     # clamp * tanh(s / clamp) needs clamp and 1 / clamp finite in the kernels' arithmetic.
-    finfo = compute_finfo(x.dtype)
-    if clamp is not None and not finfo.tiny <= clamp <= finfo.max:
-        raise ValueError(f"nflux: clamp must be positive and finite, with 1 / clamp finite in {finfo.dtype}, "
-                         f"or None, got {clamp}")
+    if clamp is not None:
+        finfo = compute_finfo(x.dtype)
+        if not finfo.tiny <= clamp <= finfo.max:
+            raise ValueError(f"nflux: clamp must be positive and finite, with 1 / clamp finite in {finfo.dtype}, "
+                             f"or None, got {clamp}")
     return 0 if scale_logits is None else SCALE_KINDS[scale]
 
 

@@ -12,6 +12,7 @@ import torch
 from nflux import _extension
 from nflux.ops import _autocast, reference
 from nflux.ops._checks import check_like, check_lu_conv1x1_args
+from nflux.ops._registration import batch_first, batch_index
 
 
 def lu_conv1x1(
@@ -72,14 +73,6 @@ def _check_actnorm(lower, actnorm_log_scale, actnorm_bias):
             raise ValueError(f"nflux: {name} must have shape [{C}], got {list(t.shape)}")
 
 
-def _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias):
-    """Checks ActNorm's [C] parameters and folds its scale into the LU factors, as the op does
-    with input_log_scale: W diag(e^s) scales U's columns and adds s to log_scale. Returns
-    (upper', log_scale')."""
-    _check_actnorm(lower, actnorm_log_scale, actnorm_bias)
-    return reference.fold_input_log_scale(upper, log_scale, actnorm_log_scale)
-
-
 def actnorm_lu_conv1x1(
     x: torch.Tensor,
     perm: torch.Tensor,
@@ -126,7 +119,8 @@ def fold_actnorm(
     [C, C]-sized work: a Glow step's ActNorm + 1x1 conv becomes one GEMM, and the gradients
     reach the ActNorm parameters through these small differentiable ops.
     """
-    folded_upper, folded_log_scale = _fold_actnorm_scale(lower, upper, log_scale, actnorm_log_scale, actnorm_bias)
+    _check_actnorm(lower, actnorm_log_scale, actnorm_bias)
+    folded_upper, folded_log_scale = reference.fold_input_log_scale(upper, log_scale, actnorm_log_scale)
     # bias' = W' actnorm_bias + bias is the op itself applied to the one row actnorm_bias: one
     # call (and one backward node) instead of building W' from a dozen small autograd ops.
     folded_bias, _ = lu_conv1x1(actnorm_bias[None], perm, lower, folded_upper, folded_log_scale, sign, bias)
@@ -154,7 +148,7 @@ def _fake_backward(grad_y, grad_lad, x, perm, lower, upper, log_scale, sign, bia
 
 
 def _select(args, in_dims, v):
-    return [a if d is None else a.select(d, v) for a, d in zip(args, in_dims)]
+    return [batch_index(a, d, v) for a, d in zip(args, in_dims)]
 
 
 def _vmap(info, in_dims, x, perm, lower, upper, log_scale, sign, bias, inverse, input_shift=None,
@@ -164,7 +158,7 @@ def _vmap(info, in_dims, x, perm, lower, upper, log_scale, sign, bias, inverse, 
     dims = (*in_dims[:7], *(in_dims[i] if len(in_dims) > i else None for i in (8, 9)))
     if all(d is None for d in dims[1:]):
         # One W for every vmapped row: the vmapped dimension joins the batch, one GEMM in all.
-        x = x.movedim(dims[0], 0)
+        x = batch_first(x, dims[0], size)
         y, lad = torch.ops.nflux.lu_conv1x1(
             x.reshape(size * x.shape[1], *x.shape[2:]), perm, lower, upper, log_scale, sign, bias,
             inverse, input_shift, input_log_scale,

@@ -139,9 +139,7 @@ def strict_json(obj: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     """`obj` as strict JSON (non-finite numbers as null), written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    _atomic_write(path, (json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n").encode(), "run-json")
 
 
 def make_dir(path: str | os.PathLike, what: str, value: str | os.PathLike | None = None) -> Path:

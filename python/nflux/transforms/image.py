@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nflux import ops
-from nflux.ops.lu_conv1x1 import _fold_actnorm_scale
+from nflux.ops.lu_conv1x1 import _check_actnorm
 from nflux.nets.conv import GlowConv, ResNetConv, ZeroConvHeads
 from nflux.transforms.base import Compose, Transform, TwoWayTransform
 from nflux.transforms.linear import LULinear
@@ -121,12 +121,10 @@ class ActNormInvConv1x1(Transform):
                                       inverse=inverse)
 
     def _folded(self):
-        # ActNorm's scale folded into the factors (as the op folds input_log_scale), its bias
-        # the input shift.
+        # ActNorm's scale and bias as the op takes them: input_log_scale and input_shift.
         log_scale, bias = self.actnorm.effective()
-        c = self.conv
-        upper, folded_log_scale = _fold_actnorm_scale(c.lower, c.upper, c.log_scale, log_scale, bias)
-        return dict(upper=upper, log_scale=folded_log_scale, input_shift=bias)
+        _check_actnorm(self.conv.lower, log_scale, bias)
+        return dict(input_shift=bias, input_log_scale=log_scale)
 
     def forward(self, x, context=None):
         _check_image(x, self.conv.features)

@@ -26,10 +26,14 @@ from nflux.ops._checks import check_lu_conv1x1_args
 Affine = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
-def lu_affine(perm, lower, upper, log_scale, sign, bias=None, *, inverse=False, input_shift=None) -> Affine:
+def lu_affine(perm, lower, upper, log_scale, sign, bias=None, *, inverse=False, input_shift=None,
+              input_log_scale=None) -> Affine:
     """The map lu_conv1x1 applies, y = W (x + input_shift) + bias, as (W, W input_shift + bias),
     or for `inverse=True` as (W^-1, -(W^-1 bias) - input_shift); W^-1 comes from two triangular
-    solves against P^T, never from a general inverse."""
+    solves against P^T, never from a general inverse. `input_log_scale` folds into the factors
+    as in the op."""
+    if input_log_scale is not None:
+        upper, log_scale = reference.fold_input_log_scale(upper, log_scale, input_log_scale)
     if not inverse:
         w = reference.lu_weight(perm, lower, upper, log_scale, sign)
         offset = bias
