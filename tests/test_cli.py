@@ -282,6 +282,30 @@ def test_nan_validation_is_never_the_best_and_json_stays_strict(monkeypatch, tmp
                  "--quiet"]) == 0
 
 
+def test_validation_sees_the_weights_of_each_step(monkeypatch, tmp_path):
+    """The vector Glow's LU layers cache W in inference, and nflux trains with fused Adam, which
+    updates parameters without bumping their version counters: every validation must still be
+    computed with the weights of its step (it used to reuse the step-0 W throughout)."""
+    from nflux.training import trainer
+    from nflux.transforms.lu_cache import LUCache
+
+    real, gaps = trainer.nll_sum, []
+
+    def nll(model, inputs, batch):
+        value = real(model, inputs, batch)
+        for module in model.modules():
+            for attr in vars(module).values():
+                if isinstance(attr, LUCache):
+                    attr.clear()
+        gaps.append(abs(value - real(model, inputs, batch)))
+        return value
+
+    monkeypatch.setattr(trainer, "nll_sum", nll)
+    trainer.train({"model": "glow", "data": "moons", "steps": 30, "batch": 32, "layers": 2, "hidden": [8],
+                   "val_every": 10, "plot_samples": 0, "out": str(tmp_path / "run")}, quiet=True)
+    assert len(gaps) == 4 and max(gaps) == 0  # three validations and the test NLL
+
+
 def test_resume_without_out_finds_the_run(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     np.save("my data.npy", np.random.default_rng(0).normal(size=(200, 2)))

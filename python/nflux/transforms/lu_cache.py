@@ -4,9 +4,11 @@ Training calls `nflux.ops.lu_conv1x1`, which builds W (or W^-1) from its factors
 so that gradients reach the factors. When no gradient is needed (sampling, evaluation) the
 factors do not change between calls, so the transform builds the matrix once, keeps it, and
 each call is one GEMM. The cache is keyed on every parameter's version counter and storage
-address: an optimizer step, `load_state_dict`, an in-place edit or `.to()` changes one of them
-and the next call rebuilds. An edit through `.data` bypasses the version counter and is not
-seen: edit parameters under `torch.no_grad()` instead, as optimizers and EMA utilities do.
+address, and on the number of optimizer steps taken in this process: `load_state_dict`, an
+in-place edit or `.to()` changes the first two, and any optimizer step the third (torch's fused
+optimizers update parameters without bumping their version counters), so the next call
+rebuilds. An edit through `.data` bypasses the version counter and is not seen: edit
+parameters under `torch.no_grad()` instead, as EMA utilities do.
 (Comparing values on every call would see it, but cost a third of a small LULinear's call on
 the CPU and a synchronisation per call on a GPU.) The cache is bypassed while torch.compile
 traces (the compiled graph builds W itself) and whenever a parameter requires grad with grad
@@ -18,6 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from nflux.ops import _autocast, reference
 from nflux.ops._checks import check_lu_conv1x1_args
@@ -68,6 +71,19 @@ def apply_affine(affine: Affine, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return y3.view(x.shape), logabsdet
 
 
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# A hook on every optimizer's step (torch's global post-step hooks): fused Adam, AdamW and SGD
+# leave `_version` alone, so without it the cache would keep serving the weights of before.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class LUCache:
     """The forward and inverse `Affine` of one transform, valid while its tensors are unchanged."""
 
@@ -88,7 +104,7 @@ class LUCache:
         return not any(t.is_inference() for t in present)
 
     def get(self, tensors, inverse: bool, build: Callable[[], Affine]) -> Affine:
-        key = (torch.is_inference_mode_enabled(),) + tuple(
+        key = (torch.is_inference_mode_enabled(), _optimizer_steps) + tuple(
             None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors
         )
         if key != self._key:
