@@ -24,6 +24,7 @@ from nflux.transforms import (
     MultiScale,
     Shift,
     Squeeze,
+    VariationalDequantize,
     bits_per_dim,
     reduce_bits,
 )
@@ -160,6 +161,22 @@ def test_dequantize_quantize_and_reduce_bits():
         reduce_bits(x, 17, 3)
 
 
+def test_dequantized_top_level_stays_below_one(monkeypatch):
+    # 255 + u rounds to 256 in float32 for u within an ulp of 1: y was exactly 1, and RealNVP's
+    # logit preprocessing (alpha = 0 allowed) gave NaN bits/dim.
+    x = torch.full((2, 1, 4, 4), 255.0)
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.full_like(t, 1 - 2.0**-20))
+    y = Dequantize(256)(x)
+    assert (y < 1).all() and torch.equal(Dequantize(256).quantize(y), x)
+    flow = nflux.RealNVP.image((1, 4, 4), levels=1, hidden=4, blocks=1, alpha=0.0).eval()
+    with torch.no_grad():
+        assert torch.isfinite(flow.bits_per_dim(x)).all()
+    # Variational noise u = sigmoid(v) is exactly 1 in float32 once v > ~17.
+    variational = VariationalDequantize((1, 4, 4), 256, hidden=4, steps=1)
+    monkeypatch.setattr(variational, "log_q", lambda x, eps: (torch.ones_like(x), x.new_zeros(x.shape[0])))
+    assert (variational.sample(x)[0] < 1).all()
+
+
 def test_actnorm2d_data_init_and_fused_matches_unfused():
     x = torch.randn(16, 3, 4, 4, dtype=torch.float64) * 3 + 2
     an = ActNorm2d(3).double().train()
@@ -244,6 +261,11 @@ def test_integer_typed_images_equal_float_ones(dequantization, dtype):
     y = flow.dequantize(x.to(dtype))
     assert y.dtype == torch.float64 and torch.equal(flow.quantize(y), x.double())
     assert Dequantize(256)(x.to(dtype)).dtype == torch.get_default_dtype()
+    # Floating images of another dtype too (a float64 Glow refused float32 ones).
+    torch.manual_seed(0)
+    torch.testing.assert_close(flow.bits_per_dim(x.float()), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="levels must be an int >= 2, got 16.5"):
+        Dequantize(16.5)
 
 
 @pytest.mark.parametrize("cls", [nflux.RealNVP, nflux.Glow])
@@ -253,7 +275,9 @@ def test_image_constructor_arguments_are_checked(cls):
                            ({"levels": -2}, "levels must be an int >= 1, got -2"),
                            ({"hidden": 0}, "hidden must be an int >= 1"),
                            ({"num_classes": 0}, "num_classes must be an int >= 1"),
-                           ({"num_classes": 3, "context": 4}, "not both")]:
+                           ({"num_classes": 3, "context": 4}, "not both"),
+                           ({"data_levels": 1}, "data_levels must be an int >= 2, got 1"),
+                           ({"data_levels": 16.5}, "data_levels must be an int >= 2, got 16.5")]:
         with pytest.raises(ValueError, match=f"^nflux: .*{needle}"):
             cls.image((1, 4, 4), **{"levels": 1, **kwargs})
     with pytest.raises(ValueError, match=rf"^nflux: {name}.image shape must be \(C, H, W\) of positive ints"):

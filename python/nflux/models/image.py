@@ -130,11 +130,11 @@ class ImageFlow(Flow):
         return d
 
     def _float_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer-typed images (uint8, int64...) in the flow's floating dtype: the noise and
-        the transforms need floats."""
-        if x.is_floating_point():
-            return x
-        return x.to(next(self.parameters(), torch.empty(0)).dtype)
+        """Images (integer levels in any integer or floating dtype) in the flow's floating
+        dtype: the noise and the transforms need floats, and the flow's own (a float64 Glow
+        refused float32 images)."""
+        dtype = next(self.parameters(), torch.empty(0)).dtype
+        return x if x.dtype == dtype else x.to(dtype)
 
     def dequantize(self, x: torch.Tensor, noise: bool | None = None) -> torch.Tensor:
         """Integer images (0..levels-1, any integer or float dtype) -> [0, 1), with noise from
@@ -158,20 +158,23 @@ class ImageFlow(Flow):
         return _bits_per_dim(log_prob, self.shape, self.levels).reshape(batch)
 
 
-def _check_args(name: str, shape, **sizes):
+def _check_args(name: str, shape, data_levels, **sizes):
     """One clear error for a bad shape or size argument (levels=0 would otherwise fail deep in
-    MultiScale): shape (C, H, W) of positive sizes, and every given size an int >= 1."""
-    def positive(v):
+    MultiScale): shape (C, H, W) of positive sizes, every given size an int >= 1, and
+    data_levels an int >= 2."""
+    def at_least(v, low):
         try:
-            return not isinstance(v, bool) and operator.index(v) >= 1  # ints, numpy ints, torch.Size
+            return not isinstance(v, bool) and operator.index(v) >= low  # ints, numpy ints, torch.Size
         except TypeError:
             return False
 
-    if len(shape) != 3 or not all(map(positive, shape)):
+    if len(shape) != 3 or not all(at_least(v, 1) for v in shape):
         raise ValueError(f"nflux: {name}.image shape must be (C, H, W) of positive ints, got {tuple(shape)}")
     for key, v in sizes.items():
-        if v is not None and not positive(v):
+        if v is not None and not at_least(v, 1):
             raise ValueError(f"nflux: {name}.image {key} must be an int >= 1, got {v!r}")
+    if not at_least(data_levels, 2):
+        raise ValueError(f"nflux: {name}.image data_levels must be an int >= 2, got {data_levels!r}")
 
 
 def _check_shape(shape, squeezes: int, name: str):
@@ -212,7 +215,7 @@ def realnvp_image(shape: Sequence[int], *, levels: int = 2, hidden: int = 64, bl
     (`hidden` channels, `blocks` residual blocks); with `actnorm`, an ActNorm2d precedes each
     coupling (in place of RealNVP's batch norm). `data_levels`: intensity levels of the data.
     """
-    _check_args("RealNVP", shape, levels=levels, hidden=hidden, num_classes=num_classes)
+    _check_args("RealNVP", shape, data_levels, levels=levels, hidden=hidden, num_classes=num_classes)
     _check_shape(shape, levels - 1, "RealNVP")
     C, H, W = shape
     K, cond = _conditioning(context, num_classes, channels_last)
@@ -257,7 +260,7 @@ def glow_image(shape: Sequence[int], *, levels: int = 3, steps: int = 8, hidden:
     as one op (`nflux.ops.actnorm_lu_conv1x1`). `data_levels`: intensity levels of the data.
     Conditioning, dequantisation and layout: see the module docstring.
     """
-    _check_args("Glow", shape, levels=levels, hidden=hidden, num_classes=num_classes)
+    _check_args("Glow", shape, data_levels, levels=levels, hidden=hidden, num_classes=num_classes)
     _check_shape(shape, levels, "Glow")
     C, H, W = shape
     K, cond = _conditioning(context, num_classes, channels_last)

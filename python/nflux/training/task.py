@@ -21,7 +21,7 @@ import torch
 
 import nflux
 from nflux.data import Splits, Standardizer
-from nflux.transforms.preprocess import quantize as _quantize
+from nflux.transforms.preprocess import dequantized, quantize as _quantize
 
 __all__ = ["ImageTask", "VectorTask", "make_task", "nll_sum", "quantize", "unstandardize"]
 
@@ -74,7 +74,7 @@ class ImageTask:
         self.nll_offset = self.dims * math.log(self.levels)
 
     def _dequantize(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return (x + u.to(x.device, x.dtype)) / self.levels
+        return dequantized(x, u.to(x.device, x.dtype), self.levels)
 
     def record(self) -> dict[str, Any]:
         return {"standardizer": None, "levels": self.levels}

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from nflux.transforms.base import Compose
 from nflux.transforms.image import CheckerboardCoupling
-from nflux.transforms.preprocess import _Dequantizer
+from nflux.transforms.preprocess import _Dequantizer, dequantized
 
 
 class VariationalDequantize(_Dequantizer):
@@ -63,7 +63,7 @@ class VariationalDequantize(_Dequantizer):
         x = self._floating(x, self.features[0].weight.dtype)  # in the feature net's dtype
         eps = torch.randn_like(x) if noise is None or noise else torch.zeros_like(x)
         u, log_q = self.log_q(x, eps)
-        return (x + u) / self.levels, log_q
+        return dequantized(x, u, self.levels), log_q
 
     def forward(self, x: torch.Tensor, noise: bool | None = None) -> torch.Tensor:
         return self.sample(x, noise)[0]

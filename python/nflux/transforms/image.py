@@ -3,9 +3,10 @@ masked and channel-split affine couplings with conv conditioners, and Glow/RealN
 multi-scale architecture with factored-out latents.
 
 All follow the transform convention (`forward(x, context=None) -> (y, logabsdet[B])`,
-`inverse`). Couplings, `FactorOut` and `ContextPrior2d` built with `context_channels = K > 0`
-take a context `[B, K]` (a vector seen at every pixel, e.g. a one-hot label) or
-`[B, K, H, W]` (a feature map) in their conditioner; the other transforms ignore the context.
+`inverse`). Couplings and `FactorOut` built with `context_channels = K > 0` take a context
+`[B, K]` (a vector seen at every pixel, e.g. a one-hot label) or `[B, K, H, W]` (a feature
+map) in their conditioner; `ContextPrior2d` takes a vector `[B, K]` only; the other transforms
+ignore the context.
 Every shape decision is made from static shapes, so each transform compiles with
 `torch.compile(fullgraph=True)`.
 """

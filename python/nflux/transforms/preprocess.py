@@ -30,6 +30,14 @@ def bits_per_dim(log_prob: torch.Tensor, shape: Sequence[int] | int, levels: int
     return -(log_prob - D * math.log(levels)) / (D * math.log(2.0))
 
 
+def dequantized(x: torch.Tensor, u: torch.Tensor, levels: int) -> torch.Tensor:
+    """y = (x + u) / levels, kept below 1: in float arithmetic x + u rounds up to `levels` for
+    x = L - 1 and u within an ulp of 1 (about one 8-bit float32 pixel in 130,000), and a y of 1
+    is outside [0, 1), where RealNVP's logit is infinite."""
+    y = (x + u) / levels
+    return y.clamp(max=1.0 - torch.finfo(y.dtype).eps / 2)
+
+
 def reduce_bits(x: torch.Tensor, levels: int, bits: int) -> torch.Tensor:
     """n-bit quantisation (Glow's reduced-bit images): integer levels 0..levels-1, with levels a
     power of two, to 0..2**bits - 1 by dropping the low bits: floor(x / (levels / 2**bits))."""
@@ -50,8 +58,8 @@ class _Dequantizer(nn.Module):
 
     def __init__(self, levels: int):
         super().__init__()
-        if levels < 2:
-            raise ValueError(f"nflux: levels must be >= 2, got {levels}")
+        if isinstance(levels, bool) or not (levels == int(levels) >= 2):
+            raise ValueError(f"nflux: levels must be an int >= 2, got {levels!r}")
         self.levels = int(levels)
 
     def quantize(self, y: torch.Tensor) -> torch.Tensor:
@@ -79,7 +87,7 @@ class Dequantize(_Dequantizer):
         noise = self.noise if noise is None else noise
         x = self._floating(x, torch.get_default_dtype())
         u = torch.rand_like(x) if noise else torch.full_like(x, 0.5)
-        return (x + u) / self.levels
+        return dequantized(x, u, self.levels)
 
     def sample(self, x: torch.Tensor, noise: bool | None = None):
         """(y, log q(u | x)): the dequantised images and the log density of their noise,
