@@ -188,6 +188,47 @@ def test_actnorm_init_on_a_broadcast_point_keeps_unit_scale():
     torch.testing.assert_close(y[:, 2], torch.zeros(50))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [0.1, -1.3, 3.7, 1e30])
+def test_actnorm_constant_feature_of_any_value_keeps_unit_scale(value, dtype):
+    # The rounded mean of 100 copies of 0.1 is not 0.1: the std came out ~1e-16 and the
+    # scale 1e6, for good (an sbi point broadcast against its contexts gave log_prob -4.9e7).
+    x = torch.cat([torch.randn(100, 1, dtype=dtype), torch.full((100, 1), value, dtype=dtype)], 1)
+    a = T.ActNorm(2).to(dtype)
+    y, _ = a(x)
+    assert a.s0[1] == pytest.approx(0.0, abs=1e-5) and a.b0[1] == -torch.tensor(value, dtype=dtype)
+    assert (y[:, 1] == 0).all()
+    flow = nflux.NSF(2, context=3, layers=1, hidden=(8,)).to(dtype)
+    lp = flow.log_prob(torch.tensor([value, -value], dtype=dtype).clamp(-5, 5), torch.randn(100, 3, dtype=dtype))
+    assert (flow.transforms[0].s0.abs() < 1e-5).all() and (lp < 0).all()
+
+
+def test_actnorm_statistics_of_huge_values_and_empty_batches():
+    # Squaring deviations of 3e19 overflowed float32: s0 = -inf and every log_prob -inf.
+    a = T.ActNorm(2)
+    x = torch.randn(256, 2) * 3e19
+    y, lad = a(x)
+    torch.testing.assert_close(y.std(0, correction=0), torch.ones(2), rtol=1e-4, atol=0)
+    assert torch.isfinite(lad).all()
+    # An empty first batch has no statistics: the next batch initialises.
+    b = T.ActNorm(2)
+    b(torch.empty(0, 2))
+    assert not bool(b.initialized)
+    y, _ = b(torch.randn(256, 2) * 100 + 50)
+    torch.testing.assert_close(y.mean(0), torch.zeros(2), atol=1e-4, rtol=0)
+
+
+def test_actnorm_checks_width_and_returns_writable_logabsdet():
+    a = T.ActNorm(3)
+    with pytest.raises(ValueError, match=r"ActNorm expects inputs \[B, 3\], got \[4, 1\]"):
+        a(torch.randn(4, 1))
+    with pytest.raises(ValueError, match=r"ActNorm expects inputs \[B, 3\]"):
+        a.inverse(torch.randn(4, 1))
+    for direction in (a.forward, a.inverse):
+        _, lad = direction(torch.randn(4, 3))
+        lad += 1.0  # an expanded logabsdet refused this
+
+
 @pytest.mark.parametrize("model", [nflux.NSF, nflux.MAF, nflux.RealNVP])
 def test_context_in_raw_units_is_standardised(model):
     """The models standardise the context with an ActNorm set by the first training-mode density

@@ -93,6 +93,21 @@ def test_compile_fullgraph(name):
     assert s.shape == (2, 5, D)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bad_context_width_is_named(name):
+    # A negative width failed inside torch (MAF) or built a flow no call could satisfy (RealNVP).
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"^nflux: context must be an int >= 0, got {bad!r}$"):
+            MODELS[name](bad)
+
+
+@pytest.mark.parametrize("autoregressive", [False, True])
+def test_spline_bins_are_checked(autoregressive):
+    with pytest.raises(ValueError, match=r"^nflux: bins must be an int >= 1, got 0$"):
+        nflux.NSF(D, bins=0, autoregressive=autoregressive)
+    assert nflux.NSF(D, bins=1, autoregressive=autoregressive, layers=1).log_prob(torch.randn(2, D)).shape == (2,)
+
+
 def test_to_device_and_dtype():
     flow = nflux.NSF(D, context=C, **SMALL).to(torch.float64)
     s = flow.sample((2,), torch.randn(1, C, dtype=torch.float64))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, constraints
 
+from nflux._args import check_count
 from nflux.transforms.base import Compose
 from nflux.transforms.normalization import ActNorm
 
@@ -108,7 +109,7 @@ class Flow(nn.Module):
             base = DistributionBase(base)
         self.base = base
         self.features = int(self.base.features)
-        self.context_features = None if context is None else int(context)
+        self.context_features = None if context is None else check_count("context", context, 0)
         if context_norm and not self.context_features:
             raise ValueError("nflux: context_norm needs the context's width (context > 0)")
         self.context_norm = ActNorm(self.context_features) if context_norm else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from nflux._args import check_count
 from nflux.flow import Flow, StandardNormal
 from nflux.transforms import ActNorm, ContextAffine, MaskedSplineAutoregressive, SplineCoupling, alternating_mask
 
@@ -26,6 +27,7 @@ class NSF(Flow):
                  activation: str = "relu", context_affine: bool = True):
         if layers < 1:
             raise ValueError(f"nflux: layers must be >= 1, got {layers}")
+        context = check_count("context", context, 0)
         if residual and not autoregressive:
             raise ValueError("nflux: residual=True is for the MADE of an autoregressive NSF (autoregressive=True)")
         if not autoregressive and features < 2:

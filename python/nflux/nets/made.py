@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from nflux import ops
+from nflux._args import check_count
 
 _ACTIVATIONS = {"relu": torch.relu, "elu": nn.functional.elu, "tanh": torch.tanh, "gelu": nn.functional.gelu}
 # On a fresh layer output nothing else holds, in place saves an allocation (the backward of
@@ -91,6 +92,8 @@ class MADE(nn.Module):
         activation: str = "relu",
     ):
         super().__init__()
+        if context_features is not None:
+            context_features = check_count("context", context_features, 0)
         hidden_features = [int(h) for h in hidden_features]
         if features < 1 or params_per_feature < 1 or not hidden_features or min(hidden_features) < 1:
             raise ValueError("nflux: MADE needs features >= 1, params_per_feature >= 1 and hidden layers of width "

@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from nflux._args import check_count
+
 _ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
@@ -45,7 +47,7 @@ class MLP(nn.Module):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"nflux: activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
-        self.context_features = int(context)
+        self.context_features = check_count("context", context, 0)
         sizes = [in_features + self.context_features, *[int(h) for h in hidden]]
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:]):

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from nflux import ops
+from nflux._args import check_count
 from nflux.nets.made import MADE
 from nflux.transforms.base import Transform, check_features
 
@@ -123,7 +124,7 @@ class MaskedSplineAutoregressive(_MaskedAutoregressive):
                  residual: bool = False, ordering: str | Sequence[int] = "natural", seed: int = 0,
                  activation: str = "relu", bins: int = 8, tail_bound: float = 3.0,
                  min_bin_width: float = 1e-3, min_bin_height: float = 1e-3, min_derivative: float = 1e-3):
-        self.bins, self._min_derivative = bins, float(min_derivative)
+        self.bins, self._min_derivative = check_count("bins", bins, 1), float(min_derivative)
         super().__init__(features, 3 * bins - 1, context=context, hidden=hidden, residual=residual,
                          ordering=ordering, seed=seed, activation=activation)
         self.options = dict(tail_bound=float(tail_bound), min_bin_width=min_bin_width,

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from nflux import ops
+from nflux._args import check_count
 from nflux.nets.mlp import MLP
 from nflux.transforms.base import TwoWayTransform, check_features
 
@@ -152,7 +153,7 @@ class SplineCoupling(_Coupling):
     def __init__(self, features: int, mask, *, context: int = 0, hidden: Sequence[int] = (128, 128),
                  activation: str = "relu", bins: int = 8, tail_bound: float = 3.0,
                  min_bin_width: float = 1e-3, min_bin_height: float = 1e-3, min_derivative: float = 1e-3):
-        self.bins, self.tail_bound = bins, float(tail_bound)
+        self.bins, self.tail_bound = check_count("bins", bins, 1), float(tail_bound)
         self.params_per_feature = 3 * bins - 1
         self.options = dict(tail_bound=float(tail_bound), min_bin_width=min_bin_width,
                             min_bin_height=min_bin_height, min_derivative=min_derivative)

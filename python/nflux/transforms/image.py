@@ -72,13 +72,13 @@ class ActNorm2d(ActNorm):
         _check_image(x, self.features)
         log_scale, bias = self.effective(x)
         y = (x + bias[:, None, None]) * torch.exp(log_scale)[:, None, None]
-        return y, (log_scale.sum() * (x.shape[2] * x.shape[3])).expand(x.shape[0])
+        return y, (log_scale.sum() * (x.shape[2] * x.shape[3])).expand(x.shape[0]).clone()
 
     def inverse(self, y, context=None):
         _check_image(y, self.features)
         log_scale, bias = self.effective()
         x = y * torch.exp(-log_scale)[:, None, None] - bias[:, None, None]
-        return x, (-log_scale.sum() * (y.shape[2] * y.shape[3])).expand(y.shape[0])
+        return x, (-log_scale.sum() * (y.shape[2] * y.shape[3])).expand(y.shape[0]).clone()
 
 
 class InvConv1x1(LULinear):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nflux.transforms.base import Transform
+from nflux.transforms.base import Transform, check_features
 
 
 class ActNorm(Transform):
@@ -43,7 +43,8 @@ class ActNorm(Transform):
         self._initialized = not data_init  # the buffer's value, known on the host
 
     def _offsets(self, x: torch.Tensor):
-        if not (self.training and self.data_init) or self._initialized:
+        # An empty batch has no statistics: it leaves the init to the next batch.
+        if not (self.training and self.data_init) or self._initialized or x.numel() == 0:
             return self.b0, self.s0
         with torch.no_grad():
             # Stats of x as it enters the layer, net of the (zero at init) learnable part.
@@ -68,19 +69,28 @@ class ActNorm(Transform):
     def _batch_stats(self, x: torch.Tensor):
         """Per-feature mean and standard deviation of a batch's finite entries. A feature
         constant over the batch (every feature of a single row, or of one point broadcast
-        against many contexts) gets std 1: dividing by eps would scale it by 1e6 for good. A
-        NaN or inf entry is left out (one bad value must not set the layer to NaN for every
-        later batch); a feature with no finite entry gets mean 0, std 1."""
+        against many contexts) gets its value as mean and std 1: dividing by eps would scale it
+        by 1e6 for good. It is told by its range, not by a zero std: the rounded mean of N
+        copies of 0.1 is not 0.1, so their std comes out ~1e-16. A NaN or inf entry is left out
+        (one bad value must not set the layer to NaN for every later batch); a feature with no
+        finite entry gets mean 0, std 1. The deviations are scaled by their largest before
+        squaring, so values beyond sqrt(float max) do not overflow the variance."""
         dims = self._stats_dims
+        per_feature = (slice(None),) + (None,) * (x.dim() - 2)  # a per-feature value along dim 1
         finite = torch.isfinite(x)
-        count = finite.sum(dims).clamp(min=1)
-        mean = torch.where(finite, x, 0).sum(dims) / count
-        per_feature = (slice(None),) + (None,) * (x.dim() - 2)  # mean along the feature dim 1
-        var = torch.where(finite, x - mean[per_feature], 0).square().sum(dims) / count
-        std = var.sqrt()
-        return mean, torch.where(std > 0, std, torch.ones_like(std))
+        count = finite.sum(dims)
+        mean = torch.where(finite, x, 0).sum(dims) / count.clamp(min=1)
+        high = torch.where(finite, x, float("-inf")).amax(dims)
+        low = torch.where(finite, x, float("inf")).amin(dims)
+        constant = ~(high > low)  # also with no finite entry
+        mean = torch.where(constant, torch.where(count > 0, high, 0), mean)
+        deviation = torch.where(finite, x - mean[per_feature], 0)
+        largest = deviation.abs().amax(dims).clamp(min=torch.finfo(x.dtype).tiny)
+        std = (deviation / largest[per_feature]).square().sum(dims).div(count.clamp(min=1)).sqrt() * largest
+        return mean, torch.where(constant | ~(std > 0), torch.ones_like(std), std)
 
     def forward(self, x, context=None):
+        check_features(self, x, self.features)
         return self._affine(x, *self._offsets(x))
 
     def apply_without_init(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,12 +101,14 @@ class ActNorm(Transform):
     def _affine(self, x, b0, s0):
         log_scale = self.log_scale + s0
         y = (x + (self.bias + b0)) * torch.exp(log_scale)
-        return y, log_scale.sum().expand(x.shape[0])
+        # A tensor of its own per row (an expanded one refuses in-place updates such as lad += v).
+        return y, log_scale.sum().expand(x.shape[0]).clone()
 
     def inverse(self, y, context=None):
+        check_features(self, y, self.features)
         log_scale = self.log_scale + self.s0
         x = y * torch.exp(-log_scale) - (self.bias + self.b0)
-        return x, (-log_scale.sum()).expand(y.shape[0])
+        return x, (-log_scale.sum()).expand(y.shape[0]).clone()
 
     def extra_repr(self) -> str:
         return f"features={self.features}, data_init={self.data_init}"
