@@ -68,14 +68,15 @@ inline int64_t check_rq_spline_args(const at::Tensor& inputs, const at::Tensor& 
               "nflux: tail_bound must be positive and finite, got ", tail_bound);
   // A zero minimum lets a bin collapse to zero width or height: a 0/0 slope inside it. So does
   // one below the arithmetic's resolution: its knot rounds onto the neighbour next to
-  // +-tail_bound (a bin of 2 * tail_bound * value must span a few units in the last place).
-  const double smallest_bin = 2 * compute_epsilon(inputs);
+  // +-tail_bound (a bin of 2 * tail_bound * value must span a few units in the last place),
+  // and the knots' running sum carries up to ~K/2 units of rounding into the last bin.
+  const double smallest_bin = static_cast<double>(K + 2) * compute_epsilon(inputs);
   auto check_min_bin = [&](double value, const char* name) {
     TORCH_CHECK(value > 0 && value * K < 1, "nflux: ", name, " * K must be in (0, 1), got ", value,
                 " * ", K);
     TORCH_CHECK(value >= smallest_bin, "nflux: ", name, " = ", value,
-                " is below what the kernels' arithmetic resolves next to +-tail_bound (at least ",
-                smallest_bin, "); use float64 inputs for smaller bins");
+                " is below what the kernels' arithmetic resolves with K = ", K,
+                " bins (at least (K + 2) * eps = ", smallest_bin, "); use float64 inputs for smaller bins");
   };
   check_min_bin(min_bin_width, "min_bin_width");
   check_min_bin(min_bin_height, "min_bin_height");

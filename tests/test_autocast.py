@@ -189,6 +189,43 @@ def test_fallback_follows_the_same_policy(monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("half", [BF16, torch.float16])
+def test_half_inputs_outside_autocast_compute_in_float32(half):
+    # The CPU kernels take float32 and float64 only; half inputs fall back to the reference,
+    # which ran in their own dtype: bfloat16 merged spline knots (NaN in ~19% of logabsdets) and
+    # had no triangular solve for lu_conv1x1's inverse. Now: float32 inside, outputs in `half`,
+    # equal to the native float32 result up to one rounding to `half`.
+    HALF_TOL = dict(atol=1e-3, rtol=1.6e-2)
+    g = torch.Generator().manual_seed(0)
+    K = 8
+    x = torch.rand(1000, generator=g) * 6 - 3
+    w, h = (torch.randn(1000, K, generator=g) * 3 for _ in range(2))
+    d = torch.randn(1000, K - 1, generator=g) * 3
+    y, lad = ops.rq_spline(*(t.to(half) for t in (x, w, h, d)))
+    want_y, want_lad = ops.rq_spline(*(t.to(half).float() for t in (x, w, h, d)))
+    assert y.dtype == lad.dtype == half and torch.isfinite(lad).all()
+    torch.testing.assert_close(y, want_y.to(half), **HALF_TOL)
+    torch.testing.assert_close(lad, want_lad.to(half), **HALF_TOL)
+    conv_args = (data((4, 8, 3, 3), torch.float32, seed=5), *params(8, dtype=torch.float32))
+    half_args = tuple(t.to(half) if t.is_floating_point() else t for t in conv_args)
+    for inverse in (False, True):
+        got = ops.lu_conv1x1(*half_args, inverse=inverse)
+        want = ops.lu_conv1x1(*(t.float() if t.is_floating_point() else t for t in half_args), inverse=inverse)
+        assert got[0].dtype == half
+        torch.testing.assert_close(got, tuple(t.to(half) for t in want), **HALF_TOL)
+    made = perturb(MADE(4, 2, (12, 12)), 0.2).to(half)
+    got = ops.made_inverse(data((5, 4), torch.float32, seed=7).to(half), list(made.weights), list(made.biases),
+                           made.degrees)
+    want = ops.made_inverse(data((5, 4), torch.float32, seed=7).to(half).float(), [t.float() for t in made.weights],
+                            [t.float() for t in made.biases], made.degrees)
+    assert got[0].dtype == half
+    torch.testing.assert_close(got, tuple(t.to(half) for t in want), **HALF_TOL)
+    shift, logits = (data((6, 5), torch.float32, seed=s).to(half) for s in (1, 2))
+    got = ops.affine_coupling(data((6, 5), torch.float32, seed=0).to(half), shift, logits)
+    want = ops.affine_coupling(data((6, 5), torch.float32, seed=0).to(half).float(), shift.float(), logits.float())
+    torch.testing.assert_close(got, tuple(t.to(half) for t in want), **HALF_TOL)
+
+
 D = 4
 MODELS = {
     "NICE": lambda: nflux.NICE(D, layers=2, hidden=(16, 16)),

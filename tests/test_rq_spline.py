@@ -556,6 +556,10 @@ def _bad_cases():
     xf, wf, hf, df = (t.float() for t in (x, w, h, d))
     yield "min-bin-width-unresolved", (xf, wf, hf, df), {"min_bin_width": 1e-8}, "min_bin_width = 1e-08 is below"
     yield "min-bin-height-unresolved", (xf, wf, hf, df), {"min_bin_height": 1e-9}, "min_bin_height = 1e-09 is below"
+    # Twice epsilon resolves one bin, but the knots' running sum rounds the last bin away with
+    # K = 16 (NaN logabsdet next to +B): the floor grows with K.
+    w16, h16, d16 = (torch.randn(5, 16 - (i == 2)) for i in range(3))
+    yield "min-bin-width-unresolved-for-K", (xf, w16, h16, d16), {"min_bin_width": 2.4e-7}, "with K = 16 bins"
 
 
 BAD = list(_bad_cases())
@@ -576,6 +580,22 @@ def test_bad_input_raw_op_raises_runtime_error(case):
     _, args, kwargs, name = case
     with pytest.raises(RuntimeError, match=name):
         OP(*raw_args(*args, **kwargs))
+
+
+@pytest.mark.parametrize("K", [8, 16, 64])
+def test_smallest_accepted_bins_stay_finite_in_float32(K):
+    # The last bin at its minimum, next to +B where the knots' rounding gathers: values and
+    # logabsdets finite and the map monotone (2.4e-7 with K = 16 gave NaN and collapsed it).
+    g = torch.Generator().manual_seed(K)
+    smallest = (K + 2) * torch.finfo(torch.float32).eps
+    w, h, d = (torch.randn(200, n, generator=g) * 3 for n in (K, K, K - 1))
+    w[:, -1], h[:, -1] = -1e4, -1e4
+    x = torch.linspace(3 - 1e-5, 3, 200)
+    for op in (nflux.ops.rq_spline, reference.rq_spline):
+        for inverse in (False, True):
+            y, lad = op(x, w, h, d, min_bin_width=smallest, min_bin_height=smallest, inverse=inverse)
+            assert torch.isfinite(y).all() and torch.isfinite(lad).all(), (op, inverse)
+            assert (y.abs() <= 3).all()
 
 
 def test_tiny_min_bin_width_is_exact_in_float64():

@@ -44,6 +44,26 @@ def to_float32_or_wider(*args: Any) -> tuple:
     return _cast(args, dtype, lambda t: t.is_floating_point() and t.dtype != dtype)
 
 
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def widen_halves(*args: Any) -> tuple[tuple, torch.dtype | None]:
+    """For a flow op's pure-torch fallback: `args` with their float16 / bfloat16 tensors in
+    float32, as the native kernels compute them (the reference run in bfloat16 merges spline
+    knots: NaN logabsdets), and the dtype to hand the outputs back in (None: none was cast)."""
+    floats = _floating(args)
+    if not any(t.dtype in HALF_TYPES for t in floats):
+        return args, None
+    return _cast(args, torch.float32, lambda t: t.dtype in HALF_TYPES), floats[0].dtype
+
+
+def narrowed(outputs: tuple, dtype: torch.dtype | None) -> tuple:
+    """The floating `outputs` of a fallback in `dtype`, the inputs' own (see `widen_halves`)."""
+    if dtype is None:
+        return outputs
+    return tuple(o.to(dtype) if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in outputs)
+
+
 def any_float64(*args: Any) -> bool:
     return any(t.dtype == torch.float64 for t in _floating(args))
 

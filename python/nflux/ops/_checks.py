@@ -80,14 +80,16 @@ def check_rq_spline_args(
         raise ValueError(f"nflux: tail_bound must be positive and finite, got {tail_bound}")
     # A zero minimum lets a bin collapse to zero width or height: a 0/0 slope inside it. So does
     # one below the arithmetic's resolution: its knot rounds onto the neighbour next to
-    # +-tail_bound (a bin of 2 * tail_bound * value must span a few units in the last place).
+    # +-tail_bound (a bin of 2 * tail_bound * value must span a few units in the last place),
+    # and the knots' running sum carries up to ~K/2 units of rounding into the last bin.
     finfo = compute_finfo(inputs.dtype)
+    smallest_bin = (K + 2) * finfo.eps
     for name, value in (("min_bin_width", min_bin_width), ("min_bin_height", min_bin_height)):
         if not (0 < value and value * K < 1):
             raise ValueError(f"nflux: {name} * K must be in (0, 1), got {value} * {K}")
-        if value < 2 * finfo.eps:
-            raise ValueError(f"nflux: {name} = {value} is below what {finfo.dtype} arithmetic resolves next to "
-                             f"+-tail_bound (at least {2 * finfo.eps:.3g}); use float64 inputs for smaller bins")
+        if value < smallest_bin:
+            raise ValueError(f"nflux: {name} = {value} is below what {finfo.dtype} arithmetic resolves with K = {K} "
+                             f"bins (at least (K + 2) * eps = {smallest_bin:.3g}); use float64 inputs for smaller bins")
     if not 0 < min_derivative < math.inf:
         raise ValueError(f"nflux: min_derivative must be positive and finite, got {min_derivative}")
     return K

@@ -40,8 +40,10 @@ def affine_coupling(
             x, shift, scale_logits, kind, None if clamp is None else float(clamp), bool(inverse)
         )
     _extension.warn_fallback("affine_coupling", x)
+    (x, shift, scale_logits), dtype = _autocast.widen_halves(x, shift, scale_logits)
     with _autocast.fallback_context(x):
-        return reference.affine_coupling(x, shift, scale_logits, scale=scale, clamp=clamp, inverse=inverse)
+        out = reference.affine_coupling(x, shift, scale_logits, scale=scale, clamp=clamp, inverse=inverse)
+    return _autocast.narrowed(out, dtype)
 
 
 # The autograd kernel is in C++ (csrc/autograd.cpp): it saves only the inputs and calls

@@ -49,17 +49,24 @@ def lu_conv1x1(
         x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale = _autocast.to_float32_or_wider(
             x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale
         )
+    # Half inputs outside autocast compute in float32 too (the policy of every flow op; ATen has
+    # no half triangular solve for the inverse), and come back in their own dtype.
+    (x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale), dtype = _autocast.widen_halves(
+        x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale
+    )
     check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias, input_shift, input_log_scale)
     if _extension.loaded:
-        return torch.ops.nflux.lu_conv1x1(
+        out = torch.ops.nflux.lu_conv1x1(
             x, perm, lower, upper, log_scale, sign, bias, bool(inverse), input_shift, input_log_scale
         )
+        return _autocast.narrowed(out, dtype)
     _extension.warn_fallback("lu_conv1x1", x)
     with _autocast.fallback_context(x):
-        return reference.lu_conv1x1(
+        out = reference.lu_conv1x1(
             x, perm, lower, upper, log_scale, sign, bias, inverse=inverse, input_shift=input_shift,
             input_log_scale=input_log_scale,
         )
+    return _autocast.narrowed(out, dtype)
 
 
 def _check_actnorm(lower, actnorm_log_scale, actnorm_bias):

@@ -84,8 +84,9 @@ def made_inverse(
     if _extension.native(y, _NATIVE_DTYPES):
         return torch.ops.nflux.made_inverse(*args)
     _extension.warn_fallback("made_inverse", y)
-    with _autocast.fallback_context(y):
-        return reference.made_inverse(*args)
+    args, dtype = _autocast.widen_halves(*args)
+    with _autocast.fallback_context(args[0]):
+        return _autocast.narrowed(reference.made_inverse(*args), dtype)
 
 
 def _refuse_forward_mode() -> None:

@@ -64,8 +64,11 @@ def rq_spline(
             float(min_derivative),
         )
     _extension.warn_fallback("rq_spline", inputs)
+    (inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives), dtype = _autocast.widen_halves(
+        inputs, unnormalized_widths, unnormalized_heights, unnormalized_derivatives
+    )
     with _autocast.fallback_context(inputs):
-        return reference.rq_spline(
+        out = reference.rq_spline(
             inputs,
             unnormalized_widths,
             unnormalized_heights,
@@ -76,6 +79,7 @@ def rq_spline(
             min_bin_height=min_bin_height,
             min_derivative=min_derivative,
         )
+    return _autocast.narrowed(out, dtype)
 
 
 # Autograd is registered in C++ (csrc/autograd.cpp): the backward op recomputes the spline from
