@@ -303,6 +303,21 @@ def test_float_exp_scale_over_the_whole_range():
     assert lad.isnan().all()  # the row holds a NaN logit
 
 
+def test_sigmoid_inverse_scale_where_the_scale_is_tiny():
+    # 1 / sigmoid(v) for v = s + 2 in (-88.7, -87.3]: the scale exp(v) / (1 + exp(v)) is below
+    # the CPU exp's flush to 0, its reciprocal finite. It was (1 + e) / e with e flushed: inf,
+    # and NaN where y == shift. Compared with float64 rounded to float32.
+    s = torch.tensor([[-89.0, -89.0, -90.0, -88.0, -85.0, -89.5, -90.6]])
+    y = torch.tensor([[0.5, 1.0, 1.0, -1.0, 2.0, 1e-30, 2.0]])
+    shift = torch.full_like(y, 0.5)
+    x, lad = nflux.ops.affine_coupling(y, shift, s, scale="sigmoid", inverse=True)
+    want = (y.double() - shift.double()) * (1 + torch.exp(-(s.double() + 2)))
+    finite = want.abs() <= torch.finfo(torch.float32).max
+    torch.testing.assert_close(x[finite], want[finite].float(), rtol=4e-7, atol=0)
+    assert x[~finite].isinf().all() and (x[~finite].sign() == want[~finite].sign()).all()
+    torch.testing.assert_close(lad.double(), -torch.nn.functional.logsigmoid(s.double() + 2).sum(1), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("scale", ["exp", "sigmoid"])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_logabsdet_gradient_alone_where_y_overflows(scale, inverse):

@@ -222,6 +222,22 @@ def test_vmap_matches_loop(batched_network):
     torch.testing.assert_close(got, tuple(want))
 
 
+def test_vmap_over_the_last_dim_of_a_context_term():
+    # The rule read the context term's width before moving the vmapped dim to the front: with
+    # in_dims=2 it took the vmapped size (5) for the width.
+    made = _made(D=2, hidden=(3,), transformer="affine", context=True, dtype=torch.float64)
+    y, weights, biases, degrees, _ = _args(made, torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    weights, biases, kw = [w.detach() for w in weights], [b.detach() for b in biases], _kw(made, "affine")
+    terms = torch.randn(4, 3, 5, dtype=torch.float64)  # [rows, hidden, vmapped]
+
+    def one(term):
+        return nflux.ops.made_inverse(y, weights, biases, degrees, [term], **kw)
+
+    got = torch.func.vmap(one, in_dims=2)(terms)
+    want = [torch.stack(t) for t in zip(*(one(terms[..., i]) for i in range(5)))]
+    torch.testing.assert_close(got, tuple(want))
+
+
 def test_forward_mode_is_refused():
     """No forward-mode rule: torch.func.jvp would return zero tangents, so the op refuses."""
     made = _made(D=3, hidden=(6,), transformer="affine", dtype=torch.float64)

@@ -62,7 +62,9 @@ NFLUX_HOST_DEVICE Scale<T> eval_scale(T s, T clamp, T inv_clamp) {
     const T l1p = log1p_unit(e);
     const bool pos = v >= T(0);
     r.scale = pos ? recip : e * recip;
-    r.inv_scale = pos ? one_e : one_e / e;
+    // 1 / sigmoid(v) = 1 + exp(-v) for v < 0 directly: (1 + e) / e would divide by an e that
+    // the exp flushed to 0 below ~1.7e-38 (v < -87.3), while exp(-v) is finite up to v = -88.7.
+    r.inv_scale = pos ? one_e : T(1) + math_exp(-v);
     r.log_scale = pos ? -l1p : v - l1p;
     r.dlog_ds = (pos ? e * recip : recip) * du_ds;  // d log sigmoid(v)/dv = 1 - sigmoid(v)
   }

@@ -6,7 +6,6 @@ torch.compile and never synchronise with a device.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -19,11 +18,15 @@ def check_floating(tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"nflux: {name} must be a floating-point tensor, got dtype {tensor.dtype}")
 
 
-@functools.lru_cache(maxsize=None)
+# Built once: torch.finfo per call costs microseconds, and an lru_cache makes torch.compile
+# warn on every compile.
+_COMPUTE_FINFO = {torch.float64: torch.finfo(torch.float64), torch.float32: torch.finfo(torch.float32)}
+
+
 def compute_finfo(dtype: torch.dtype) -> torch.finfo:
     """The range and precision the native kernels compute in for `dtype`: float64 for float64,
     float32 for every narrower type."""
-    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32)
+    return _COMPUTE_FINFO[torch.float64 if dtype == torch.float64 else torch.float32]
 
 
 def check_like(

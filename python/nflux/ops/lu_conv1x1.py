@@ -33,7 +33,9 @@ def lu_conv1x1(
     W = P (L + I)(U + diag(sign * exp(log_scale))), where L = tril(lower, -1),
     U = triu(upper, 1) (entries outside those triangles are ignored and get zero gradient) and
     P = I[perm] for an int64 permutation `perm` of range(C), so (P A) = A[perm]. `perm` and
-    `sign` are fixed buffers (no gradient). The inverse, x = W^-1 (y - bias), uses two
+    `sign` are fixed buffers (no gradient). A `perm` that is not a permutation is refused on the
+    CPU (float32 / float64), where the factors are built on the host; on a GPU checking it would
+    synchronise every call, so it is not checked there (the transforms build valid ones). The inverse, x = W^-1 (y - bias), uses two
     triangular solves to build W^-1, never a general inverse. `input_shift` ([C], optional) is
     added to x before the mixing (ActNorm's bias; see `actnorm_lu_conv1x1`) at the cost of one
     [C] matrix-vector product: it rides in the GEMM's bias (inverse: x = W^-1 (y - bias) - shift).

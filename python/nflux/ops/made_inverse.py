@@ -119,7 +119,11 @@ def _vmap(info, in_dims, y, weights, biases, degrees, context_terms, *options):
         ]
         return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
     rows = batch_first(y, y_dim, n)
-    flat = lambda t, d: batch_first(t, d, n).reshape(-1, t.shape[-1])  # noqa: E731
+
+    def flat(t, d):  # the width after moving the vmapped dim, which may have been the last
+        first = batch_first(t, d, n)
+        return first.reshape(-1, first.shape[-1])
+
     x, lad = torch.ops.nflux.made_inverse(
         rows.reshape(-1, rows.shape[-1]), weights, biases, degrees,
         [flat(t, d) for t, d in zip(context_terms, c_dims)], *options)
