@@ -92,13 +92,56 @@ def test_bf16_on_a_cpu_without_bf16_units_says_so(monkeypatch, tmp_path, capsys)
 def test_sample_npy_and_png(run, tmp_path, capsys):
     assert main(["sample", str(run), "-n", "300", "--out", str(tmp_path / "s.npy")]) == 0
     x = np.load(tmp_path / "s.npy")
-    assert x.shape == (300, 2) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert x.shape == (300, 2) and x.dtype == np.float64 and np.isfinite(x).all()
     # Data units: moons live roughly in [-1.5, 2.5] x [-1, 1.5], not standardised.
     assert abs(x.mean(0)[0] - 0.5) < 1.0
     capsys.readouterr()
     assert main(["sample", str(run), "-n", "200", "--temperature", "0.5", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
     assert "wrote a plot of 200 samples" in capsys.readouterr().out
+    # An upper-case suffix is the file written (np.save appended .npy to it).
+    assert main(["sample", str(run), "-n", "5", "--out", str(tmp_path / "S.NPY")]) == 0
+    assert np.load(tmp_path / "S.NPY").shape == (5, 2) and not (tmp_path / "S.NPY.npy").exists()
+
+
+def test_vector_data_keeps_its_precision_through_standardising(monkeypatch, tmp_path):
+    # A column near 2e7 with spread 0.5 kept 3 distinct values once loaded in float32: the test
+    # NLL went to -7.3 nats against an entropy of +2.1, and samples sat on a 2-unit grid.
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savetxt("big.csv", np.column_stack([2e7 + rng.normal(0, 0.5, 3000), rng.normal(0, 1, 3000)]),
+               delimiter=",", fmt="%.4f")
+    from nflux.training.task import make_task
+    from nflux.training.trainer import load_data_for
+
+    splits = load_data_for({"data": "big.csv", "seed": 0})
+    assert splits.train.dtype == torch.float64 and len(np.unique(splits.train[:, 0].numpy())) > 1000
+    task = make_task(splits, torch.device("cpu"), 0)
+    assert task.train.dtype == torch.float32 and len(torch.unique(task.train[:, 0])) > 1000
+    assert main(["train", "maf", "--data", "big.csv", "--steps", "20", "--out", "r", *TINY]) == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["test_nll_nats"] > 0  # Gaussian-ish columns of std 0.5 and 1: entropy ~2.1 nats
+    assert main(["sample", "r", "-n", "500", "--out", "s.npy"]) == 0
+    x = np.load("s.npy")
+    assert len(np.unique(x[:, 0])) > 400 and abs(x[:, 0].mean() - 2e7) < 10
+
+
+def test_cpu_device_index_and_resume_with_patience_off(monkeypatch, tmp_path):
+    # cpu:0 was accepted, then safetensors refused it after training (a traceback, no metrics).
+    from nflux.training import trainer
+
+    out = tmp_path / "r"
+    calls = []
+    monkeypatch.setattr(trainer, "nll_sum", lambda *a: calls.append(1) or float(len(calls)))  # never improves
+    config = {"model": "nice", "data": "moons", "steps": 40, "batch": 32, "layers": 1, "hidden": [8],
+              "val_every": 10, "plot_samples": 0, "out": str(out)}
+    first = trainer.train({**config, "patience": 1, "device": "cpu:0"}, quiet=True)
+    assert first["stopped_early"] and first["steps"] == 20
+    assert json.loads((out / "config.json").read_text())["device"] == "cpu"
+    monkeypatch.undo()
+    # Patience off on resume: it trains on to the steps (it used to stop again at once).
+    second = trainer.train({**config, "patience": 0}, resume=True, quiet=True)
+    assert not second["stopped_early"] and second["steps"] == 40
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -220,12 +220,15 @@ def _cmd_sample(args) -> int:
     image = x.dim() == 4
     if out.suffix.lower() == ".npy":
         # Images as integer levels in the smallest unsigned type that holds them; vectors in
-        # float32, the precision the model computes in.
+        # float64, the precision of the data units they were unstandardised to (float32 rounds
+        # a column near 2e7 to a 2-unit grid). Written through a file object: np.save appends
+        # ".npy" to a name that ends in ".NPY".
         levels = int(record["levels"]) if image else 0
-        dtype = (np.uint8 if levels <= 256 else np.uint16 if levels <= 65536 else np.int64) if image else np.float32
-        np.save(out, x.numpy().astype(dtype))
+        dtype = (np.uint8 if levels <= 256 else np.uint16 if levels <= 65536 else np.int64) if image else np.float64
+        with open(out, "wb") as f:
+            np.save(f, x.numpy().astype(dtype))
         what = f"{args.n} samples (" + (f"images {list(x.shape[1:])}, integer levels, {np.dtype(dtype).name}"
-                                        if image else f"{x.shape[1]} dims, data units, float32") + ")"
+                                        if image else f"{x.shape[1]} dims, data units, float64") + ")"
     else:
         plot_samples(None, x, out)
         count = f"the first {GRID_IMAGES} of {args.n}" if args.n > GRID_IMAGES else f"{args.n}"

@@ -99,7 +99,18 @@ def _derived_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def _dtype_for(dtype, kind: str) -> torch.dtype:
+    """`dtype`, or for None the natural one: float64 for tabular data, whose standardisation
+    needs its full precision (a column of 2e7 + N(0, 0.5) keeps only 3 distinct values in
+    float32); float32 for images (integer levels are exact in it) and for the 2-D toys (drawn
+    in float32, so that their samples stay those of earlier runs)."""
+    if dtype is not None:
+        return dtype
+    return torch.float64 if kind == "tabular" else torch.float32
+
+
 def _load_toy(name: str, seed: int, dtype) -> Splits:
+    dtype = _dtype_for(dtype, "toy")
     sampler = toys.TOYS[name][0]
     out = {}
     for split, n in TOY_SIZES.items():
@@ -121,7 +132,7 @@ def _sklearn_datasets():
 
 
 def _finish(name: str, x: np.ndarray, kind: str, seed: int, dtype, meta: dict) -> Splits:
-    tr, va, te = split_random(torch.as_tensor(np.asarray(x)).to(dtype), seed)
+    tr, va, te = split_random(torch.as_tensor(np.asarray(x)).to(_dtype_for(dtype, kind)), seed)
     meta = {"name": name, "seed": seed, "sizes": {"train": len(tr), "val": len(va), "test": len(te)}, **meta}
     return Splits(tr, va, te, kind, tuple(tr.shape[1:]), meta)
 
@@ -149,7 +160,7 @@ def _sklearn_tabular(loader: str, **kwargs) -> Callable[[int, Any], Splits]:
 def _uci(name: str) -> Callable[..., Splits]:
     def load_set(seed: int, dtype, root) -> Splits:
         arrays = uci.load(name, root)
-        tr, va, te = (torch.as_tensor(np.ascontiguousarray(a)).to(dtype) for a in arrays[:3])
+        tr, va, te = (torch.as_tensor(np.ascontiguousarray(a)).to(_dtype_for(dtype, "tabular")) for a in arrays[:3])
         meta = arrays[3]
         meta = {"name": name, "sizes": {"train": len(tr), "val": len(va), "test": len(te)}, **meta}
         return Splits(tr, va, te, "tabular", tuple(tr.shape[1:]), meta)
@@ -194,6 +205,9 @@ def _looks_like_path(name: str) -> bool:
 
 def load(name: str, *, root: str | os.PathLike | None = None, seed: int = 0, dtype=torch.float32) -> Splits:
     """Load dataset `name` (a registered name, case-insensitive, or a path) as `Splits`.
+
+    dtype: of the returned tensors; None picks float64 for vectors (full precision for
+    standardising: what `nflux train` loads) and float32 for images.
 
     root: the directory holding the UCI benchmark folders (power/, gas/, hepmass/,
     miniboone/, BSDS300/); ignored by the other sets. seed: fixes the toy draws and the

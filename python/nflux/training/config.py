@@ -137,7 +137,7 @@ def make_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         raise ConfigError(f"scales applies to image models ({', '.join(IMAGE_MODELS)}), not {config['model']}")
     if config["bins"] is not None and not config["model"].startswith("nsf"):
         raise ConfigError(f"bins applies to nsf and nsf-ar only, not {config['model']}")
-    check_device(config["device"])
+    config["device"] = check_device(config["device"])
     if config["out"] is None:
         config["out"] = default_out(config["model"], config["data"])
     config["out"] = os.fspath(config["out"])
@@ -157,7 +157,8 @@ def _check_backend(name: str) -> None:
 
 
 def check_device(device: Any) -> str:
-    """`device` as a string, checked: cpu, or cuda[:N] with such a CUDA device present."""
+    """`device` as a string, checked: cpu, or cuda[:N] with such a CUDA device present. cpu:N
+    is cpu (there is one CPU device; safetensors refuses an index on it)."""
     device = str(device)
     try:
         d = torch.device(device)
@@ -170,7 +171,7 @@ def check_device(device: Any) -> str:
             raise ConfigError(f"device {device!r} requested but torch sees no CUDA device")
         if d.index is not None and d.index >= torch.cuda.device_count():
             raise ConfigError(f"device {device!r} requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    return "cpu" if d.type == "cpu" else device
 
 
 def default_out(model: str, data: Any) -> str:

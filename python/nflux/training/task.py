@@ -34,7 +34,8 @@ class VectorTask:
 
     def __init__(self, splits: Splits, device: torch.device, standardizer: Standardizer | None = None):
         self.std = standardizer if standardizer is not None else Standardizer.fit(splits.train)
-        self.train, self.val, self.test = (self.std(t).to(device) for t in (splits.train, splits.val, splits.test))
+        # Standardised in the data's own precision (float64 from `nflux train`), then float32.
+        self.train, self.val, self.test = (self.std(t).float().to(device) for t in (splits.train, splits.val, splits.test))
         self.shape = tuple(splits.shape)
         self.nll_offset = -self.std.logabsdet()  # nats: standardised -> data units
 

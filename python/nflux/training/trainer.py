@@ -69,7 +69,8 @@ __all__ = ["train", "load_data_for", "make_dir", "sample_model", "strict_json", 
 
 def load_data_for(config: dict[str, Any]):
     """The data set a run config names (its seed fixes toy draws and the split)."""
-    return load_data(config["data"], root=config.get("data_root"), seed=int(config["seed"]))
+    # Vectors in float64: standardised in full precision, then float32 for the model.
+    return load_data(config["data"], root=config.get("data_root"), seed=int(config["seed"]), dtype=None)
 
 
 class _NegLogLikelihood(nn.Module):
@@ -283,6 +284,8 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
         try:
             guard.load_state_dict(meta["guard"])
             state.update(meta["early_stopping"])
+            # Stopped under the old patience; the resumed run's patience decides (0: off).
+            state["stopped_early"] = bool(config["patience"]) and state["bad_evals"] >= config["patience"]
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{ckpt.path.name}: training state incomplete ({e})") from None
         start_step = ckpt.step
