@@ -144,6 +144,20 @@ def test_cpu_device_index_and_resume_with_patience_off(monkeypatch, tmp_path):
     assert not second["stopped_early"] and second["steps"] == 40
 
 
+def test_eval_on_a_uci_set_with_its_data_root(monkeypatch, tmp_path):
+    # eval had no --data-root: a run not trained on a UCI set could never be evaluated on one.
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.save("six.npy", rng.normal(size=(300, 6)))
+    (tmp_path / "uci" / "power").mkdir(parents=True)
+    np.save(tmp_path / "uci" / "power" / "data.npy", rng.normal(size=(400, 8)) * 3 + 1)
+    assert main(["train", "maf", "--data", "six.npy", "--steps", "10", "--out", "six", *TINY]) == 0
+    assert main(["eval", "six", "--data", "power"]) == 2  # no root: an error naming the folder to give
+    assert main(["eval", "six", "--data", "power", "--data-root", "uci"]) == 0
+    result = json.loads((tmp_path / "six" / "eval.json").read_text())
+    assert result["data"] == "power" and math.isfinite(result["test_nll_nats"])
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     common = ["maf", "--data", "iris", "--steps", 30, *TINY]
     full, part = tmp_path / "full", tmp_path / "part"

@@ -262,6 +262,12 @@ def test_user_npy_dtypes(tmp_path):
                                 (np.int64, 300, None), (np.float32, 256, None)]:
         np.save(tmp_path / "i.npy", rng.integers(0, high, size=(6, 1, 4, 4)).astype(dtype))
         assert data.load(str(tmp_path / "i.npy")).meta.get("levels") == levels, (dtype, high)
+    # Integers that are not levels say so when a run needs levels (they were called float images).
+    from nflux.training.task import make_task
+
+    np.save(tmp_path / "i16.npy", rng.integers(-5, 1000, size=(6, 1, 4, 4)).astype(np.int16))
+    with pytest.raises(ValueError, match=r"holds integers -?\d+\.\.\d+, outside 0\.\.255"):
+        make_task(data.load(str(tmp_path / "i16.npy")), torch.device("cpu"), 0)
 
 
 def test_image_folder_without_pillow(tmp_path, monkeypatch):

@@ -123,13 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="test NLL of a trained run")
     e.add_argument("dir", metavar="DIR", help="run directory")
     e.add_argument("--data", help="evaluate on another data set of the same shape")
+    e.add_argument("--data-root", dest="data_root",
+                   help="directory of the UCI benchmark files (default: the run's own --data-root)")
     e.add_argument("--device", default="cpu")
 
     s = sub.add_parser("sample", help="draw samples from a trained run", epilog=USAGE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("dir", metavar="DIR", help="run directory")
     s.add_argument("-n", type=_positive_int, default=1000, help="number of samples (default 1000)")
-    s.add_argument("--out", help="output .npy (float32 data units; images: integer levels, uint8 when they fit) "
+    s.add_argument("--out", help="output .npy (float64 data units; images: integer levels, uint8 when they fit) "
                                  "or .png (images: a grid of the first 64) (default DIR/samples-N.npy)")
     s.add_argument("--temperature", type=_positive_float, default=1.0,
                    help="scale of the base sample's std (default 1.0)")
@@ -194,7 +196,7 @@ def _cmd_eval(args) -> int:
     from nflux.training.runs import evaluate
     from nflux.training.trainer import write_json
 
-    result = evaluate(args.dir, data=args.data, device=args.device)
+    result = evaluate(args.dir, data=args.data, device=args.device, data_root=args.data_root)
     path = Path(args.dir) / "eval.json"
     write_json(path, result)
     bpd = f", {result['test_bits_per_dim']:.4f} bits/dim" if "test_bits_per_dim" in result else ""

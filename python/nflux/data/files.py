@@ -91,6 +91,8 @@ def _load_npy(p: Path) -> tuple[np.ndarray, str, dict[str, Any]]:
     levels = _npy_levels(x)
     if levels is not None:
         meta["levels"] = levels
+    elif np.issubdtype(x.dtype, np.integer) and x.size:  # integers, but not levels 0..255
+        meta["integer_range"] = [int(x.min()), int(x.max())]
     if x.ndim == 3:
         return x[:, None].astype(np.float64), "image", meta
     if x.ndim == 4:

@@ -28,7 +28,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[nflux.Flo
     device = check_device(device)
     d = Path(run_dir)
     if not d.is_dir():
-        raise FileNotFoundError(f"run directory {d} does not exist")
+        raise FileNotFoundError(f"run directory {d} " + ("is a file, not a directory" if d.exists() else "does not exist"))
     cfg_path = d / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found: not an nflux run directory")
@@ -69,12 +69,15 @@ def _output_units(record: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tens
     return lambda x: unstandardize(x, std)
 
 
-def evaluate(run_dir: str | os.PathLike, data: str | None = None, device: str = "cpu") -> dict[str, Any]:
+def evaluate(run_dir: str | os.PathLike, data: str | None = None, device: str = "cpu",
+             data_root: str | os.PathLike | None = None) -> dict[str, Any]:
     """Test NLL (nats, data units) of a run's best weights on its data set (or `data`), and
-    bits/dim for images (dequantisation noise fixed by the run's seed, as in training)."""
+    bits/dim for images (dequantisation noise fixed by the run's seed, as in training).
+    `data_root`: where the UCI files are (default: the run's own)."""
     model, record = load_run(run_dir, device)
     name = data if data is not None else record["data"]
-    splits = load_data_for({"data": name, "data_root": record.get("data_root"), "seed": record["seed"]})
+    root = data_root if data_root is not None else record.get("data_root")
+    splits = load_data_for({"data": name, "data_root": root, "seed": record["seed"]})
     if list(splits.shape) != list(record["dataset"]["shape"]):
         raise ConfigError(f"dataset {name!r} has examples of shape {list(splits.shape)}, "
                           f"the model was trained on {record['dataset']['shape']}")

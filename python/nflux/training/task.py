@@ -113,7 +113,12 @@ def make_task(splits: Splits, device: torch.device, seed: int, record: dict[str,
     """The task of `splits`; with a run's config `record`, its recorded standardiser."""
     if splits.kind == "image":
         if "levels" not in splits.meta:
-            raise ValueError(f"image data {splits.meta.get('name', '')!r} has no intensity levels (float images): "
+            name = splits.meta.get("name", "")
+            if "integer_range" in splits.meta:
+                low, high = splits.meta["integer_range"]
+                raise ValueError(f"image data {name!r} holds integers {low}..{high}, outside 0..255 in a signed or "
+                                 "wide type: save them as uint16 (levels 0..65535) or bool, or rescale to 0..255")
+            raise ValueError(f"image data {name!r} has no intensity levels (float images): "
                              "save the images as integers, uint8 (0..255) or uint16 (0..65535)")
         return ImageTask(splits, device, seed)
     std = Standardizer.from_json(record["standardizer"]) if record is not None else None
