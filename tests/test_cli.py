@@ -385,6 +385,28 @@ def test_bad_compile_backend_exits_2_before_writing(tmp_path, capsys):
         assert not (tmp_path / "r").exists()
 
 
+def test_config_values_of_the_wrong_type_are_one_line_errors(tmp_path, capsys):
+    # A number for out, a list for data_root, and a run config.json that is not an object gave
+    # TypeError / AttributeError tracebacks.
+    cases = [('{"out": 5, "steps": 2}', [], "out must be a path"),
+             ('{"data_root": ["x"], "data": "power", "steps": 2}', ["--out", str(tmp_path / "p")],
+              "data_root must be a path")]
+    for i, (text, extra, needle) in enumerate(cases):
+        (tmp_path / f"c{i}.json").write_text(text)
+        code = _main(["train", "nice", "--config", str(tmp_path / f"c{i}.json"), "--quiet", *extra])
+        err = capsys.readouterr().err
+        _one_line_error(code, err)
+        assert needle in err, err
+    run = tmp_path / "run"
+    run.mkdir()
+    for text, needle in [("[1, 2]", "expected a JSON object"), ('{"model": "ni', "not valid JSON")]:
+        (run / "config.json").write_text(text)
+        code = _main(["train", "nice", "--out", str(run), "--resume", "--quiet"])
+        err = capsys.readouterr().err
+        _one_line_error(code, err)
+        assert needle in err and "config.json" in err, err
+
+
 @pytest.mark.parametrize("command", ["eval", "sample"])
 @pytest.mark.parametrize("device, needle", [("foo", "device must be cpu or cuda"), ("cuda:99", "CUDA device")])
 def test_eval_and_sample_check_the_device(run, command, device, needle, capsys):

@@ -176,7 +176,12 @@ def _cmd_train(args) -> int:
                               cli.get("data", config.get("data", DEFAULTS["data"])))
         saved_path = Path(out) / "config.json"
         if saved_path.is_file():
-            saved = json.loads(saved_path.read_text())
+            try:
+                saved = json.loads(saved_path.read_text())
+            except ValueError as e:
+                raise ConfigError(f"{saved_path}: not valid JSON ({e}); the run's config cannot be resumed") from None
+            if not isinstance(saved, dict):
+                raise ConfigError(f"{saved_path}: expected a JSON object of config keys, got {type(saved).__name__}")
             # make_config drops the recorded keys (standardizer, levels, ...) in train().
             saved = {k: v for k, v in saved.items() if k != "stop_after"}
             config = {**saved, **config}

@@ -138,6 +138,9 @@ def make_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if config["bins"] is not None and not config["model"].startswith("nsf"):
         raise ConfigError(f"bins applies to nsf and nsf-ar only, not {config['model']}")
     config["device"] = check_device(config["device"])
+    for key in ("out", "data_root"):
+        if config.get(key) is not None and not isinstance(config[key], (str, os.PathLike)):
+            raise ConfigError(f"{key} must be a path (a string), got {config[key]!r}")
     if config["out"] is None:
         config["out"] = default_out(config["model"], config["data"])
     config["out"] = os.fspath(config["out"])
