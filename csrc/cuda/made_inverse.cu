@@ -18,6 +18,7 @@
 
 #include "made_inverse_cuda.h"
 #include "nflux/activation.h"
+#include "nflux/coupling.h"
 #include "nflux/rq_spline.h"
 
 namespace nflux {
@@ -249,10 +250,11 @@ made_inverse_backward_kernel(MadeInverseArgs a, MadeInverseGrads g, Layout s, in
         const T* p = tl.at(s.params) + t * D * P + k * P;
         T* gp = g_params + t * P;
         T g_y;
-        if (a.affine) {
-          g_y = g_x * math_exp(-p[1]);
+        if (a.affine) {  // the CPU tile's math: a zero g_x contributes 0 even where x overflowed
+          const auto sc = coupling::eval_scale<coupling::kExp, false, T>(p[1], T(0), T(0));
+          g_y = g_x * sc.inv_scale;
           gp[0] = -g_y;
-          gp[1] = -(g_x * xs[t * D + k] + g_lad);
+          gp[1] = coupling::inverse_grad_logit(sc, xs[t * D + k], g_x, g_lad);
         } else {
           rq::evaluate_backward(y[(b0 + t) * D + j], p, p + K, p + 2 * K, K, true, opt, g_x, g_lad,
                                 tl.at(s.scratch) + int64_t(t) * rq::backward_scratch(K), g_y, gp, gp + K,
@@ -351,8 +353,9 @@ cudaError_t plan_launch(const MadeInverseArgs& a, bool backward, Kernel kernel, 
   out.layout = layout_for(a, rows, backward);
   out.bytes = size_t(out.layout.total) * sizeof(T);
   if (out.bytes > size_t(smem_optin)) return cudaErrorInvalidConfiguration;
-  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(out.bytes))) !=
-      cudaSuccess)
+  // The device's opt-in maximum, the same value on every call: a per-call size would race with
+  // another host thread's launch of a larger tile between its set and its launch.
+  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin)) != cudaSuccess)
     return err;
   int per_sm = 0;
   if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, out.bytes)) != cudaSuccess)
