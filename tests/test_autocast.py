@@ -220,6 +220,16 @@ def test_half_inputs_outside_autocast_compute_in_float32(half):
                             [t.float() for t in made.biases], made.degrees)
     assert got[0].dtype == half
     torch.testing.assert_close(got, tuple(t.to(half) for t in want), **HALF_TOL)
+    # The LU transforms' inference cache too: a half Glow samples (no half triangular solve).
+    flow = nflux.Glow(4, layers=2, hidden=(8,))
+    flow.log_prob(torch.randn(64, 4))
+    flow = flow.to(half).eval()
+    with torch.no_grad():
+        z = torch.randn(5, 4).to(half)
+        x_half, _ = flow.inverse(z)
+        x_float, _ = flow.float().inverse(z.float())
+    assert x_half.dtype == half
+    torch.testing.assert_close(x_half.float(), x_float, atol=0.1, rtol=0.05)
     shift, logits = (data((6, 5), torch.float32, seed=s).to(half) for s in (1, 2))
     got = ops.affine_coupling(data((6, 5), torch.float32, seed=0).to(half), shift, logits)
     want = ops.affine_coupling(data((6, 5), torch.float32, seed=0).to(half).float(), shift.float(), logits.float())

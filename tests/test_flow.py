@@ -210,6 +210,9 @@ def test_actnorm_statistics_of_huge_values_and_empty_batches():
     y, lad = a(x)
     torch.testing.assert_close(y.std(0, correction=0), torch.ones(2), rtol=1e-4, atol=0)
     assert torch.isfinite(lad).all()
+    c = T.ActNorm(1)
+    c(1e37 + torch.randn(256, 1) * 1e36)  # the mean's sum overflowed: b0 = -inf for good
+    assert torch.isfinite(c.b0).all() and torch.isfinite(c.s0).all()
     # An empty first batch has no statistics: the next batch initialises.
     b = T.ActNorm(2)
     b(torch.empty(0, 2))

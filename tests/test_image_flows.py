@@ -171,6 +171,10 @@ def test_dequantized_top_level_stays_below_one(monkeypatch):
     flow = nflux.RealNVP.image((1, 4, 4), levels=1, hidden=4, blocks=1, alpha=0.0).eval()
     with torch.no_grad():
         assert torch.isfinite(flow.bits_per_dim(x)).all()
+    # u = 0 exactly (once in 2^24 draws) at level 0 gave y = 0: logit -inf, NaN bits/dim too.
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.zeros_like(t))
+    with torch.no_grad():
+        assert torch.isfinite(flow.bits_per_dim(torch.zeros_like(x))).all()
     # Variational noise u = sigmoid(v) is exactly 1 in float32 once v > ~17.
     variational = VariationalDequantize((1, 4, 4), 256, hidden=4, steps=1)
     monkeypatch.setattr(variational, "log_q", lambda x, eps: (torch.ones_like(x), x.new_zeros(x.shape[0])))

@@ -585,7 +585,7 @@ def test_bad_input_raw_op_raises_runtime_error(case):
 @pytest.mark.parametrize("K", [8, 16, 64])
 def test_smallest_accepted_bins_stay_finite_in_float32(K):
     # The last bin at its minimum, next to +B where the knots' rounding gathers: values and
-    # logabsdets finite and the map monotone (2.4e-7 with K = 16 gave NaN and collapsed it).
+    # logabsdets finite and within the bound (2.4e-7 with K = 16 gave NaN and collapsed it).
     g = torch.Generator().manual_seed(K)
     smallest = (K + 2) * torch.finfo(torch.float32).eps
     w, h, d = (torch.randn(200, n, generator=g) * 3 for n in (K, K, K - 1))

@@ -206,8 +206,8 @@ def _looks_like_path(name: str) -> bool:
 def load(name: str, *, root: str | os.PathLike | None = None, seed: int = 0, dtype=torch.float32) -> Splits:
     """Load dataset `name` (a registered name, case-insensitive, or a path) as `Splits`.
 
-    dtype: of the returned tensors; None picks float64 for vectors (full precision for
-    standardising: what `nflux train` loads) and float32 for images.
+    dtype: of the returned tensors; None picks float64 for tabular data (full precision for
+    standardising: what `nflux train` loads), float32 for images and the 2-D toys.
 
     root: the directory holding the UCI benchmark folders (power/, gas/, hepmass/,
     miniboone/, BSDS300/); ignored by the other sets. seed: fixes the toy draws and the

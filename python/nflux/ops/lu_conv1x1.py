@@ -33,9 +33,10 @@ def lu_conv1x1(
     W = P (L + I)(U + diag(sign * exp(log_scale))), where L = tril(lower, -1),
     U = triu(upper, 1) (entries outside those triangles are ignored and get zero gradient) and
     P = I[perm] for an int64 permutation `perm` of range(C), so (P A) = A[perm]. `perm` and
-    `sign` are fixed buffers (no gradient). A `perm` that is not a permutation is refused on the
-    CPU (float32 / float64), where the factors are built on the host; on a GPU checking it would
-    synchronise every call, so it is not checked there (the transforms build valid ones). The inverse, x = W^-1 (y - bias), uses two
+    `sign` are fixed buffers (no gradient). A `perm` that is not a permutation is refused by the
+    native CPU kernel (float32 / float64), which builds the factors on the host; the GPU path
+    (a check would synchronise every call), the pure-torch fallback and the transforms' LU
+    cache do not check it (the transforms build valid ones). The inverse, x = W^-1 (y - bias), uses two
     triangular solves to build W^-1, never a general inverse. `input_shift` ([C], optional) is
     added to x before the mixing (ActNorm's bias; see `actnorm_lu_conv1x1`) at the cost of one
     [C] matrix-vector product: it rides in the GEMM's bias (inverse: x = W^-1 (y - bias) - shift).
@@ -53,9 +54,11 @@ def lu_conv1x1(
         )
     # Half inputs outside autocast compute in float32 too (the policy of every flow op; ATen has
     # no half triangular solve for the inverse), and come back in their own dtype.
-    (x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale), dtype = _autocast.widen_halves(
-        x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale
-    )
+    dtype = None
+    if x.dtype in _autocast.HALF_TYPES or lower.dtype in _autocast.HALF_TYPES:  # a cheap test first: a hot path
+        (x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale), dtype = _autocast.widen_halves(
+            x, lower, upper, log_scale, sign, bias, input_shift, input_log_scale
+        )
     check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias, input_shift, input_log_scale)
     if _extension.loaded:
         out = torch.ops.nflux.lu_conv1x1(

@@ -129,8 +129,8 @@ def cached_lu_conv1x1(cache: LUCache, x, perm, lower, upper, log_scale, sign, bi
     `lu_affine` keyword arguments built from them; both are for the fused ActNorm step.
     """
     tensors = (perm, lower, upper, log_scale, sign, bias, *extra)
-    if not LUCache.usable(tensors):
-        return None
+    if not LUCache.usable(tensors) or (not _autocast.enabled(x) and lower.dtype in _autocast.HALF_TYPES):
+        return None  # half factors outside autocast: the op computes them in float32 (no half solve)
     if _autocast.enabled(x):
         # The op's autocast policy: the map in float32 (float64), whatever dtype x arrives in,
         # and (below) with autocast off so that neither building W nor applying it runs in bfloat16.

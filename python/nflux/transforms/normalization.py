@@ -73,13 +73,15 @@ class ActNorm(Transform):
         by 1e6 for good. It is told by its range, not by a zero std: the rounded mean of N
         copies of 0.1 is not 0.1, so their std comes out ~1e-16. A NaN or inf entry is left out
         (one bad value must not set the layer to NaN for every later batch); a feature with no
-        finite entry gets mean 0, std 1. The deviations are scaled by their largest before
-        squaring, so values beyond sqrt(float max) do not overflow the variance."""
+        finite entry gets mean 0, std 1. Sums are taken of values scaled by their largest, so
+        finite inputs up to float max overflow neither the mean nor the variance."""
         dims = self._stats_dims
         per_feature = (slice(None),) + (None,) * (x.dim() - 2)  # a per-feature value along dim 1
         finite = torch.isfinite(x)
         count = finite.sum(dims)
-        mean = torch.where(finite, x, 0).sum(dims) / count.clamp(min=1)
+        # Sums of values scaled by their largest: finite inputs near float max would overflow.
+        magnitude = torch.where(finite, x.abs(), 0).amax(dims).clamp(min=torch.finfo(x.dtype).tiny)
+        mean = (torch.where(finite, x, 0) / magnitude[per_feature]).sum(dims) / count.clamp(min=1) * magnitude
         high = torch.where(finite, x, float("-inf")).amax(dims)
         low = torch.where(finite, x, float("inf")).amin(dims)
         constant = ~(high > low)  # also with no finite entry

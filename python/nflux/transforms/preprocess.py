@@ -31,11 +31,12 @@ def bits_per_dim(log_prob: torch.Tensor, shape: Sequence[int] | int, levels: int
 
 
 def dequantized(x: torch.Tensor, u: torch.Tensor, levels: int) -> torch.Tensor:
-    """y = (x + u) / levels, kept below 1: in float arithmetic x + u rounds up to `levels` for
-    x = L - 1 and u within an ulp of 1 (about one 8-bit float32 pixel in 130,000), and a y of 1
-    is outside [0, 1), where RealNVP's logit is infinite."""
+    """y = (x + u) / levels, kept inside (0, 1), where RealNVP's logit (alpha = 0 allowed) is
+    finite: in float arithmetic x + u rounds up to `levels` for x = L - 1 and u within an ulp of
+    1 (about one 8-bit float32 pixel in 130,000), and u is exactly 0 once in 2^24 draws."""
     y = (x + u) / levels
-    return y.clamp(max=1.0 - torch.finfo(y.dtype).eps / 2)
+    finfo = torch.finfo(y.dtype)
+    return y.clamp(min=finfo.tiny, max=1.0 - finfo.eps / 2)
 
 
 def reduce_bits(x: torch.Tensor, levels: int, bits: int) -> torch.Tensor:
