@@ -40,6 +40,7 @@ the cross-process sums.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -243,6 +244,8 @@ def _train(config: dict[str, Any], ctx: Distributed, resume: bool, quiet: bool) 
         raise ConfigError(f"batch {config['batch']} is the global batch and must be divisible by the "
                           f"{world} processes")
     task = make_task(splits, device, config["seed"])
+    # The float64 copies served the standardiser: the run keeps float32 (only the plot reads them).
+    splits = dataclasses.replace(splits, train=splits.train.float(), val=splits.val[:0], test=splits.test[:0])
     kwargs = model_kwargs(config, splits.shape, splits.meta.get("levels"))
     record = {**config, **task.record(), "model_kwargs": kwargs, "processes": world,
               "dataset": {"kind": splits.kind, "shape": list(splits.shape), "meta": splits.meta},
