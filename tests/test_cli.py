@@ -399,7 +399,7 @@ def test_config_values_of_the_wrong_type_are_one_line_errors(tmp_path, capsys):
         assert needle in err, err
     run = tmp_path / "run"
     run.mkdir()
-    for text, needle in [("[1, 2]", "expected a JSON object"), ('{"model": "ni', "not valid JSON")]:
+    for text, needle in [("[1, 2]", "must hold a JSON object, got list"), ('{"model": "ni', "not valid JSON")]:
         (run / "config.json").write_text(text)
         code = _main(["train", "nice", "--out", str(run), "--resume", "--quiet"])
         err = capsys.readouterr().err

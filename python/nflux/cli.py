@@ -148,6 +148,19 @@ _TRAIN_KEYS = ("data", "data_root", "steps", "batch", "lr", "layers", "hidden", 
                "stop_after")
 
 
+def _json_object(path: Path, what: str) -> dict:
+    """The JSON object in `path`, or a one-line ConfigError naming `what` and the file."""
+    from nflux.training.config import ConfigError
+
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{what} {path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} {path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _cmd_train(args) -> int:
     from nflux.training.config import DEFAULTS, ConfigError, default_out
     from nflux.training.trainer import train
@@ -159,12 +172,7 @@ def _cmd_train(args) -> int:
             raise IsADirectoryError(f"--config {path} is a directory; give a JSON file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
-        try:
-            config = json.loads(path.read_text())
-        except ValueError as e:
-            raise ConfigError(f"config file {path} is not valid JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object")
+        config = _json_object(path, "config file")
     cli = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k) is not None}
     if args.model is not None:
         cli["model"] = args.model
@@ -176,12 +184,7 @@ def _cmd_train(args) -> int:
                               cli.get("data", config.get("data", DEFAULTS["data"])))
         saved_path = Path(out) / "config.json"
         if saved_path.is_file():
-            try:
-                saved = json.loads(saved_path.read_text())
-            except ValueError as e:
-                raise ConfigError(f"{saved_path}: not valid JSON ({e}); the run's config cannot be resumed") from None
-            if not isinstance(saved, dict):
-                raise ConfigError(f"{saved_path}: expected a JSON object of config keys, got {type(saved).__name__}")
+            saved = _json_object(saved_path, "the run's config")
             # make_config drops the recorded keys (standardizer, levels, ...) in train().
             saved = {k: v for k, v in saved.items() if k != "stop_after"}
             config = {**saved, **config}
