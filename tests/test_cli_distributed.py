@@ -39,7 +39,11 @@ def run(cmd, env=ENV):
     return proc
 
 
-def assert_same_model(a_dir: Path, b_dir: Path, name: str, atol: float = 1e-3):
+# Adam's first update of a component whose exact gradient is 0 is lr times the sign of its
+# rounding noise, which differs between one process and two: right after ActNorm's init centres
+# the first batch, the shift biases' gradients are such components, so they may end up to
+# 2 lr = 2e-3 apart (float64 standardisation moved one from 0.4e-3 to 1.06e-3 apart).
+def assert_same_model(a_dir: Path, b_dir: Path, name: str, atol: float = 3e-3):
     a, b = load_file(a_dir / name), load_file(b_dir / name)
     assert a.keys() == b.keys()
     for k in a:
