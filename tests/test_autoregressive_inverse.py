@@ -174,6 +174,10 @@ def test_bad_inputs():
         torch.ops.nflux.made_inverse(y, w, b, [1, 1, 3, *deg[3:]], [], False, "relu", "affine", 3.0, 1e-3, 1e-3, 1e-3)
     with pytest.raises(RuntimeError, match="activation"):
         torch.ops.nflux.made_inverse(y, w, b, deg, [], False, "swish", "affine", 3.0, 1e-3, 1e-3, 1e-3)
+    # The raw op names the layer (it printed a literal "weights[i]").
+    with pytest.raises(RuntimeError, match=r"weights\[1\] has dtype Float"):
+        torch.ops.nflux.made_inverse(y, [w[0], w[1].float(), *w[2:]], b, deg, [], False, "relu", "affine", 3.0,
+                                     1e-3, 1e-3, 1e-3)
 
 
 @pytest.mark.parametrize("transformer,residual,context", [("affine", True, True), ("rq_spline", False, True)])

@@ -427,6 +427,8 @@ def test_path_and_model_errors_say_what_is_wrong(run, tmp_path, capsys):
         # A model's own ValueError ("nflux: ...") gets one prefix, not "nflux: error: nflux: ".
         (["train", "realnvp", "--data", str(tmp_path / "one.npy"), "--out", str(tmp_path / "r")],
          "nflux: error: coupling models need features >= 2"),
+        (["train", "nsf", "--data", str(tmp_path / "one.npy"), "--out", str(tmp_path / "r")],
+         "nsf-ar in the CLI"),
     ]:
         code = _main(argv + ["--quiet"] if argv[0] == "train" else argv)
         err = capsys.readouterr().err

@@ -286,4 +286,8 @@ def test_image_constructor_arguments_are_checked(cls):
             cls.image((1, 4, 4), **{"levels": 1, **kwargs})
     with pytest.raises(ValueError, match=rf"^nflux: {name}.image shape must be \(C, H, W\) of positive ints"):
         cls.image((0, 4, 4), levels=1)
+    # The CLI's name for the scales is in the message (it said "these levels", and the CLI's
+    # levels are intensity levels).
+    with pytest.raises(ValueError, match=r"levels=3 \(scales; --scales in the CLI\) needs H and W divisible by"):
+        cls.image((1, 6, 6), levels=3)
     assert cls.image(torch.Size([1, 4, 4]), levels=1, num_classes=3).context_features == 3

@@ -177,11 +177,12 @@ def _check_args(name: str, shape, data_levels, **sizes):
         raise ValueError(f"nflux: {name}.image data_levels must be an int >= 2, got {data_levels!r}")
 
 
-def _check_shape(shape, squeezes: int, name: str):
+def _check_shape(shape, squeezes: int, name: str, levels: int):
     C, H, W = shape
     k = 2**squeezes
     if H % k or W % k:
-        raise ValueError(f"nflux: {name}.image with these levels needs H and W divisible by {k}, got {tuple(shape)}")
+        raise ValueError(f"nflux: {name}.image with levels={levels} (scales; --scales in the CLI) needs H and W "
+                         f"divisible by {k}, got {tuple(shape)}: use fewer levels or crop / pad the images")
 
 
 def _conditioning(context: int, num_classes: int | None, channels_last: bool):
@@ -216,7 +217,7 @@ def realnvp_image(shape: Sequence[int], *, levels: int = 2, hidden: int = 64, bl
     coupling (in place of RealNVP's batch norm). `data_levels`: intensity levels of the data.
     """
     _check_args("RealNVP", shape, data_levels, levels=levels, hidden=hidden, num_classes=num_classes)
-    _check_shape(shape, levels - 1, "RealNVP")
+    _check_shape(shape, levels - 1, "RealNVP", levels)
     C, H, W = shape
     K, cond = _conditioning(context, num_classes, channels_last)
     kw = dict(hidden=hidden, blocks=blocks, clamp=clamp, **cond)
@@ -261,7 +262,7 @@ def glow_image(shape: Sequence[int], *, levels: int = 3, steps: int = 8, hidden:
     Conditioning, dequantisation and layout: see the module docstring.
     """
     _check_args("Glow", shape, data_levels, levels=levels, hidden=hidden, num_classes=num_classes)
-    _check_shape(shape, levels, "Glow")
+    _check_shape(shape, levels, "Glow", levels)
     C, H, W = shape
     K, cond = _conditioning(context, num_classes, channels_last)
     scales, factors, seed = [], [], 0

@@ -31,7 +31,7 @@ class NSF(Flow):
         if residual and not autoregressive:
             raise ValueError("nflux: residual=True is for the MADE of an autoregressive NSF (autoregressive=True)")
         if not autoregressive and features < 2:
-            raise ValueError("nflux: a coupling NSF needs features >= 2 (use autoregressive=True)")
+            raise ValueError("nflux: a coupling NSF needs features >= 2 (use autoregressive=True; nsf-ar in the CLI)")
         transforms = [ActNorm(features)]
         if context and context_affine:
             transforms.append(ContextAffine(features, context, hidden=hidden, activation=activation))
