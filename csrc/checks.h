@@ -8,6 +8,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 
 namespace nflux {
 
@@ -32,11 +33,15 @@ inline double compute_tiny(const at::Tensor& t) {
                                         : std::numeric_limits<float>::min();
 }
 
+// `index` >= 0 names an element of a list argument, name[index] (formatted only on failure).
 inline void check_same_dtype_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
-                                    const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "nflux: ", name, " has dtype ",
+                                    const char* ref_name, int64_t index = -1) {
+  const auto label = [&] {
+    return index < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(index) + "]";
+  };
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "nflux: ", label(), " has dtype ",
               t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), "nflux: ", name, " is on ", t.device(), " but ",
+  TORCH_CHECK(t.device() == ref.device(), "nflux: ", label(), " is on ", t.device(), " but ",
               ref_name, " is on ", ref.device());
 }
 
@@ -130,8 +135,10 @@ inline int64_t check_affine_coupling_args(const at::Tensor& x, const at::Tensor&
   return scale_kind;
 }
 
-inline void check_affine_coupling_grads(const at::Tensor& grad_y, const at::Tensor& grad_lad,
-                                        const at::Tensor& x) {
+// The gradients of an op's (y, logabsdet) outputs: y shaped, typed and placed like x, and one
+// logabsdet gradient per row.
+inline void check_output_grads(const at::Tensor& grad_y, const at::Tensor& grad_lad,
+                               const at::Tensor& x) {
   check_same_dtype_device(grad_y, x, "grad_y", "x");
   check_same_dtype_device(grad_lad, x, "grad_logabsdet", "x");
   TORCH_CHECK(grad_y.sizes() == x.sizes(), "nflux: grad_y must have the shape of x ", x.sizes(),

@@ -317,13 +317,7 @@ SevenTensors lu_conv1x1_backward(const at::Tensor& grad_y, const at::Tensor& gra
                                  const std::optional<at::Tensor>& input_shift,
                                  const std::optional<at::Tensor>& input_log_scale) {
   check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias, input_shift, input_log_scale);
-  check_same_dtype_device(grad_y, x, "grad_y", "x");
-  check_same_dtype_device(grad_logabsdet, x, "grad_logabsdet", "x");
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "nflux: grad_y must have the shape of x ", x.sizes(),
-              ", got ", grad_y.sizes());
-  TORCH_CHECK(grad_logabsdet.dim() == 1 && grad_logabsdet.size(0) == x.size(0),
-              "nflux: grad_logabsdet must have shape [", x.size(0), "], got ",
-              grad_logabsdet.sizes());
+  check_output_grads(grad_y, grad_logabsdet, x);
   const LuParams p{perm, lower, upper, log_scale, sign, input_log_scale};
   const auto f = make_factors(p, /*need_unit_lower=*/inverse, /*need_permuted_lower=*/true);
   // Materialised once (an expanded gradient, as from y.sum(), would otherwise be copied twice).

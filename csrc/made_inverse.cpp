@@ -18,7 +18,6 @@
 
 #include <algorithm>
 #include <numeric>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -122,9 +121,8 @@ MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList b
   std::vector<int64_t>& width = plan.widths;
   width.resize(n);
   for (int64_t l = 0; l < n; ++l) {
-    const std::string index = "[" + std::to_string(l) + "]";  // the layer, named in errors
-    check_same_dtype_device(weights[l], y, ("weights" + index).c_str(), "y");
-    check_same_dtype_device(biases[l], y, ("biases" + index).c_str(), "y");
+    check_same_dtype_device(weights[l], y, "weights", "y", l);
+    check_same_dtype_device(biases[l], y, "biases", "y", l);
     const int64_t fan_in = l == 0 ? D : width[l - 1];
     TORCH_CHECK(weights[l].dim() == 2 && weights[l].size(1) == fan_in, "nflux: weights[", l,
                 "] must have shape [out, ", fan_in, "], got ", weights[l].sizes());
@@ -132,7 +130,7 @@ MadePlan made_plan(const at::Tensor& y, at::TensorList weights, at::TensorList b
     TORCH_CHECK(biases[l].dim() == 1 && biases[l].size(0) == width[l], "nflux: biases[", l,
                 "] must have shape [", width[l], "], got ", biases[l].sizes());
     if (l < hidden && !context_terms.empty()) {
-      check_same_dtype_device(context_terms[l], y, ("context_terms" + index).c_str(), "y");
+      check_same_dtype_device(context_terms[l], y, "context_terms", "y", l);
       TORCH_CHECK(context_terms[l].dim() == 2 && context_terms[l].size(0) == B &&
                       context_terms[l].size(1) == width[l],
                   "nflux: context_terms[", l, "] must have shape [", B, ", ", width[l], "], got ",

@@ -210,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_backward_cpu(
     const at::Tensor& shift, const std::optional<at::Tensor>& logits, int64_t scale_kind,
     std::optional<double> clamp, bool inverse) {
   const auto kind = check_affine_coupling_args(x, shift, logits, scale_kind, clamp);
-  check_affine_coupling_grads(grad_y, grad_logabsdet, x);
+  check_output_grads(grad_y, grad_logabsdet, x);
   // A gradient expanded from one value (the gradient of y.sum()) is read as that value.
   bool broadcast_grad = grad_y.numel() > 0;
   for (const auto st : grad_y.strides()) broadcast_grad = broadcast_grad && st == 0;

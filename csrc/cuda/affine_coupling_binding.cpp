@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_backward_cuda(
     const at::Tensor& shift, const std::optional<at::Tensor>& logits, int64_t scale_kind,
     std::optional<double> clamp, bool inverse) {
   const auto kind = check_affine_coupling_args(x, shift, logits, scale_kind, clamp);
-  check_affine_coupling_grads(grad_y, grad_logabsdet, x);
+  check_output_grads(grad_y, grad_logabsdet, x);
   const c10::cuda::CUDAGuard guard(x.device());
   // A gradient expanded from one value (the gradient of y.sum()) is read as that value.
   bool broadcast = grad_y.numel() > 0;

@@ -16,13 +16,13 @@ conv conditioners in channels-last layout: faster on CPU and GPU, the same funct
 from __future__ import annotations
 
 import math
-import operator
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nflux._args import check_count
 from nflux.flow import Flow, StandardNormal
 from nflux.transforms.base import Compose
 from nflux.transforms.image import (
@@ -162,19 +162,17 @@ def _check_args(name: str, shape, data_levels, **sizes):
     """One clear error for a bad shape or size argument (levels=0 would otherwise fail deep in
     MultiScale): shape (C, H, W) of positive sizes, every given size an int >= 1, and
     data_levels an int >= 2."""
-    def at_least(v, low):
-        try:
-            return not isinstance(v, bool) and operator.index(v) >= low  # ints, numpy ints, torch.Size
-        except TypeError:
-            return False
-
-    if len(shape) != 3 or not all(at_least(v, 1) for v in shape):
-        raise ValueError(f"nflux: {name}.image shape must be (C, H, W) of positive ints, got {tuple(shape)}")
+    try:
+        if len(shape) != 3:
+            raise ValueError
+        for v in shape:
+            check_count("shape", v, 1)
+    except ValueError:
+        raise ValueError(f"nflux: {name}.image shape must be (C, H, W) of positive ints, got {tuple(shape)}") from None
     for key, v in sizes.items():
-        if v is not None and not at_least(v, 1):
-            raise ValueError(f"nflux: {name}.image {key} must be an int >= 1, got {v!r}")
-    if not at_least(data_levels, 2):
-        raise ValueError(f"nflux: {name}.image data_levels must be an int >= 2, got {data_levels!r}")
+        if v is not None:
+            check_count(f"{name}.image {key}", v, 1)
+    check_count(f"{name}.image data_levels", data_levels, 2)
 
 
 def _check_shape(shape, squeezes: int, name: str, levels: int):

@@ -129,14 +129,16 @@ def cached_lu_conv1x1(cache: LUCache, x, perm, lower, upper, log_scale, sign, bi
     `lu_affine` keyword arguments built from them; both are for the fused ActNorm step.
     """
     tensors = (perm, lower, upper, log_scale, sign, bias, *extra)
-    if not LUCache.usable(tensors) or (not _autocast.enabled(x) and lower.dtype in _autocast.HALF_TYPES):
-        return None  # half factors outside autocast: the op computes them in float32 (no half solve)
+    if not LUCache.usable(tensors):
+        return None
     if _autocast.enabled(x):
         # The op's autocast policy: the map in float32 (float64), whatever dtype x arrives in,
         # and (below) with autocast off so that neither building W nor applying it runs in bfloat16.
         if lower.dtype not in (torch.float32, torch.float64):
             return None  # the op casts the factors too; a cache of cast copies would never hit
         x, _ = _autocast.to_float32_or_wider(x, lower)
+    elif lower.dtype in _autocast.HALF_TYPES:
+        return None  # half factors outside autocast: the op computes them in float32 (no half solve)
     check_lu_conv1x1_args(x, perm, lower, upper, log_scale, sign, bias)
 
     def build():

@@ -79,16 +79,20 @@ class ActNorm(Transform):
         per_feature = (slice(None),) + (None,) * (x.dim() - 2)  # a per-feature value along dim 1
         finite = torch.isfinite(x)
         count = finite.sum(dims)
-        # Sums of values scaled by their largest: finite inputs near float max would overflow.
-        magnitude = torch.where(finite, x.abs(), 0).amax(dims).clamp(min=torch.finfo(x.dtype).tiny)
-        mean = (torch.where(finite, x, 0) / magnitude[per_feature]).sum(dims) / count.clamp(min=1) * magnitude
+        n = count.clamp(min=1)
+
+        def unit(v):  # v over its per-feature largest magnitude, and that magnitude
+            largest = v.abs().amax(dims).clamp(min=torch.finfo(x.dtype).tiny)
+            return v / largest[per_feature], largest
+
+        values, magnitude = unit(torch.where(finite, x, 0))
+        mean = values.sum(dims) / n * magnitude
         high = torch.where(finite, x, float("-inf")).amax(dims)
         low = torch.where(finite, x, float("inf")).amin(dims)
         constant = ~(high > low)  # also with no finite entry
         mean = torch.where(constant, torch.where(count > 0, high, 0), mean)
-        deviation = torch.where(finite, x - mean[per_feature], 0)
-        largest = deviation.abs().amax(dims).clamp(min=torch.finfo(x.dtype).tiny)
-        std = (deviation / largest[per_feature]).square().sum(dims).div(count.clamp(min=1)).sqrt() * largest
+        deviations, spread = unit(torch.where(finite, x - mean[per_feature], 0))
+        std = (deviations.square().sum(dims) / n).sqrt() * spread
         return mean, torch.where(constant | ~(std > 0), torch.ones_like(std), std)
 
     def forward(self, x, context=None):
