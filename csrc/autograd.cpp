@@ -153,15 +153,16 @@ class AffineCouplingFunction : public torch::autograd::Function<AffineCouplingFu
     // Undefined output gradients arrive as zeros (materialize_grads is on).
     const at::Tensor& grad_y = grads[0];
     const at::Tensor& grad_lad = grads[1];
+    // Forward direction: y = x * scale + shift, so dL/dshift is grad_y itself (and so is dL/dx
+    // for the additive coupling, which then needs no kernel at all): grad_y is handed on, and
+    // the backward op leaves grad_shift out.
+    if (!inverse && !logits.has_value()) {
+      return {grad_y, grad_y, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     BackwardOpGuard guard;
     auto [grad_x, grad_shift, grad_logits] =
         affine_coupling_backward_call(grad_y, grad_lad, x, shift, logits, kind, clamp, inverse);
-    // Forward direction: y = x * scale + shift, so dL/dshift is grad_y itself (and so is dL/dx
-    // for the additive coupling): the backward op leaves it out and grad_y is handed on.
-    if (!inverse) {
-      grad_shift = grad_y;
-      if (!logits.has_value()) grad_x = grad_y;
-    }
+    if (!inverse) grad_shift = grad_y;
     return {grad_x, grad_shift, logits.has_value() ? grad_logits : at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
   }

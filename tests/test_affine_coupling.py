@@ -137,6 +137,12 @@ def test_grad_shift_is_grad_y_in_the_forward_direction(variant):
             None if logits is None else logits.detach(), kind, clamp)
     assert torch.ops.nflux.affine_coupling_backward(*args, False)[1].shape == (0,)
     assert torch.ops.nflux.affine_coupling_backward(*args, True)[1].shape == x.shape
+    # The additive coupling's forward-direction backward is grad_y twice: no kernel runs.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y, lad = nflux.ops.affine_coupling(x, shift, logits, scale=scale, clamp=clamp)
+        torch.autograd.grad((y, lad), [x, shift], (grad_y, torch.ones_like(lad)))
+    ran = {e.name for e in prof.events()}
+    assert ("nflux::affine_coupling_backward" in ran) == has_logits
 
 
 def test_autograd_kernel_is_cpp_and_handles_partial_outputs():
