@@ -6,6 +6,8 @@ noisy machine even when absolute times are not.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import os
 import statistics
@@ -67,6 +69,31 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, device: str = "cpu
             sync(device)
             best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def steady_heap() -> bool:
+    """Keeps freed memory in glibc's heap for the rest of the process (no trimming, no mmap).
+
+    By default glibc hands a free block at the top of the heap back to the kernel once it passes
+    a threshold that adapts to the sizes freed so far (about 2 MiB in a loop of 1 MiB tensors),
+    and the next call faults the pages in again. Whether a timed loop trips it depends only on
+    the order of its allocations and frees: one loop paid 240 page faults a call and another 39
+    for the same work. Timing on a steady heap charges each implementation its own work (in a
+    training process, larger frees raise the threshold and trimming is rarer). Returns whether
+    the allocator is glibc's (elsewhere it does nothing).
+    """
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    # 32 MiB is glibc's ceiling for the mmap threshold on 64-bit; trimming is off entirely.
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def rss_bytes() -> int:

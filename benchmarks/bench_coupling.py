@@ -1,7 +1,8 @@
 """affine_coupling and the ActNorm + 1x1 conv step: nflux vs the reference vs unfused torch.
 
 For tabular [4096, 64] and images [64, 48, 16, 16] prints the time of forward,
-forward+backward and inverse, the ratios to nflux, and the memory of forward+backward.
+forward+backward (two ways, below) and inverse, the ratios to nflux, and the memory of
+forward+backward into .grad.
 
   coupling: nflux.ops.affine_coupling(x, shift, logits) (scale="exp"); unfused is
             s = exp(logits); y = x * s + shift; lad = logits.flatten(1).sum(1) with autograd.
@@ -10,15 +11,20 @@ forward+backward and inverse, the ratios to nflux, and the memory of forward+bac
             op (one autograd node), one GEMM; unfused is ActNorm in torch, W = P L U built in torch, then conv2d (F.linear
             for tabular); inverse via torch.linalg.inv.
 
-forward+backward is `torch.autograd.backward((y, lad), (gy, glad))` with fixed random
-cotangents, into fresh .grad tensors. (Not `(y.sum() + lad.sum()).backward()`: its gradient is
-one value expanded to y's shape, and materialising it into shift.grad is a slow broadcast copy,
-~170 us at [4096, 64], that every impl pays alike and that no real downstream layer produces.)
+forward+backward is `torch.autograd.grad((y, lad), inputs, (gy, glad))` with fixed random
+cotangents: the gradients handed on to whatever produced the inputs, as in a flow, where x,
+shift and the logits all come out of earlier layers. "fwd+bwd .grad" is
+`torch.autograd.backward` into fresh .grad tensors of leaf inputs instead: there autograd must
+copy a gradient that is also held elsewhere (shift's gradient is the cotangent itself in both
+the fused op and the unfused expression), a copy of the harness's leaves that every impl pays
+alike. (Neither is `(y.sum() + lad.sum()).backward()`: its gradient is one value expanded to
+y's shape, and materialising it is a slow broadcast copy, ~170 us at [4096, 64], that no real
+downstream layer produces.)
 
 Memory (CPU): each case runs in a fresh process, after a warm-up call on a small batch (so
 one-time initialisation is not counted), with glibc's mmap threshold at 128 KiB so every large
 tensor is its own mapping and leaves the resident set when freed. Reported, above the inputs:
-  peak   the high-water mark of the resident set during forward+backward, minus its value
+  peak   the high-water mark of the resident set during forward+backward into .grad, minus its value
          just before: everything the call allocates, outputs and gradients included;
   floor  the bytes of y, logabsdet and one gradient per input that requires grad: every
          implementation holds all of them at the end of backward, so no peak is below it;
@@ -30,7 +36,9 @@ tensor is its own mapping and leaves the resident set when freed. Reported, abov
   kept   the bytes a forward pass keeps alive for its backward beyond its outputs.
 
 Times are the best of --rounds interleaved rounds (the impls take turns in every round), so
-load drift on a shared machine hits every impl alike.
+load drift on a shared machine hits every impl alike, on a heap that glibc does not trim
+(`_harness.steady_heap`: otherwise page faults that depend only on the order of a loop's
+allocations, 240 a call for one impl and 39 for another, land in the times).
 
     python benchmarks/bench_coupling.py [--device cpu] [--dtype float32] [--threads N] [--rounds R]
 """
@@ -155,6 +163,14 @@ def fwd_bwd(impl, tensors):
         t.grad = None
 
 
+def fwd_grad(impl, tensors):
+    y, lad = impl(*tensors, False)
+    return torch.autograd.grad((y, lad), [t for t in tensors if t.requires_grad], cotangents(y, lad))
+
+
+PASSES = ("forward", "forward+backward", "fwd+bwd .grad", "inverse")
+
+
 def floor_bytes(impl, tensors) -> int:
     """Bytes of y, logabsdet and one gradient per input that requires grad."""
     with torch.no_grad():
@@ -180,6 +196,46 @@ def memory_case(case: str, dtype) -> None:
     print(max(0, H.rss_bytes() - before - y.numel() * y.element_size() - lad.numel() * lad.element_size()))
 
 
+# Whole-tensor passes over memory ([batch, ...] floats; a write counts twice, since the CPU
+# reads a line before writing it) of the coupling's forward+backward, gradients handed on:
+#   nflux:   forward reads x, shift, logits, writes y (5); backward reads grad_y, x, logits,
+#            writes grad_x, grad_logits (7). The least any implementation can move.
+#   unfused: exp, mul, add (3 + 4 + 4), the row sum (1); backward three muls and the sum of
+#            logits' two gradients (4 + 4 + 4 + 3), as torch's profiler lists them.
+# Into .grad, both add autograd's copy of the cotangent into shift.grad (3).
+COUPLING_PASSES = {"forward+backward": (12, 27), "fwd+bwd .grad": (15, 30)}
+FIXED_COST_BATCH = 4
+
+
+def coupling_ceiling(shape, times, device, dtype, rounds) -> None:
+    """Prints the most any fused coupling could gain over unfused torch here, and nflux's gain.
+
+    Model: a call costs a fixed part (Python, the autograd engine, dispatch: the time on
+    FIXED_COST_BATCH elements) plus memory traffic. Give the fused op the least traffic any
+    implementation can move, at the rate the unfused expression achieves, plus nflux's own
+    fixed cost: the unfused time over that is the ceiling on the ratio.
+    """
+    # Four elements of x's rank: the same calls, next to no data.
+    small = coupling_inputs((FIXED_COST_BATCH, *[1] * (len(shape) - 1)), device, dtype, True)
+    fns = {}
+    for name in ("nflux", "unfused"):
+        impl = COUPLING[name]
+        fns[(name, "forward+backward")] = lambda impl=impl: fwd_grad(impl, small)
+        fns[(name, "fwd+bwd .grad")] = lambda impl=impl: fwd_bwd(impl, small)
+    fixed = H.time_interleaved(fns, device=device, rounds=rounds * 4, warmup=5)
+    rows = []
+    for kind, (ours, theirs) in COUPLING_PASSES.items():
+        unfused, fixed_u, fixed_n = times[("unfused", kind)], fixed[("unfused", kind)], fixed[("nflux", kind)]
+        ideal = fixed_n + max(unfused - fixed_u, 0.0) * ours / theirs
+        measured = unfused / times[("nflux", kind)]
+        rows.append([kind, H.fmt_time(fixed_n), H.fmt_time(fixed_u), f"{ours} / {theirs}", H.fmt_time(ideal),
+                     f"{unfused / ideal:.2f}x", f"{measured:.2f}x", f"{measured / (unfused / ideal):.2f}"])
+    print(f"\ncoupling {list(shape)}: the most a fused op could gain over unfused (fixed cost on "
+          f"{FIXED_COST_BATCH} elements + the least traffic at unfused's rate)")
+    H.print_table(["pass", "fixed nflux", "fixed unfused", "traffic", "ideal fused", "ceiling", "nflux",
+                   "nflux / ceiling"], rows)
+
+
 def scale_kinds(device, dtype, rounds) -> None:
     """nflux's coupling with Glow's sigmoid scale against RealNVP's exp, side by side."""
     for shape_name, shape in SHAPES.items():
@@ -191,7 +247,7 @@ def scale_kinds(device, dtype, rounds) -> None:
                 return nflux.ops.affine_coupling(x, t, s, scale=scale, inverse=inverse)
 
             fns[(scale, "forward")] = lambda op=op: _no_grad(op, *plain, False)
-            fns[(scale, "forward+backward")] = lambda op=op: fwd_bwd(op, grads)
+            fns[(scale, "forward+backward")] = lambda op=op: fwd_grad(op, grads)
         times = H.time_interleaved(fns, device=device, rounds=rounds, warmup=2)
         rows = [[kind, H.fmt_time(times[("exp", kind)]), H.fmt_time(times[("sigmoid", kind)]),
                  f"{times[('sigmoid', kind)] / times[('exp', kind)]:.2f}x"] for kind in ("forward", "forward+backward")]
@@ -219,6 +275,8 @@ def main() -> None:
     script = os.path.abspath(__file__)
     # Large tensors are then always mmapped and unmapped on free (see the memory note above).
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    if device == "cpu" and not H.steady_heap():
+        print("(not glibc: timing on the allocator's default heap)")
     for op, (impls, make) in OPS.items():
         for shape_name, shape in SHAPES.items():
             plain = make(shape, device, dtype, False)
@@ -227,10 +285,12 @@ def main() -> None:
                 y_inv = impls["nflux"](*plain, False)[0]
             times = {}
             # Interleaved rounds, best of each: every impl sees the same load drift.
-            for kind in ("forward", "inverse", "forward+backward"):
+            for kind in PASSES:
                 fns = {}
                 for name, impl in impls.items():
                     if kind == "forward+backward":
+                        fns[name] = lambda impl=impl: fwd_grad(impl, grads)
+                    elif kind == "fwd+bwd .grad":
                         fns[name] = lambda impl=impl: fwd_bwd(impl, grads)
                     elif kind == "forward":
                         fns[name] = lambda impl=impl: _no_grad(impl, *plain, False)
@@ -248,10 +308,10 @@ def main() -> None:
                     kept[name] = H.peak_extra_memory_args(script, case + ":retained", extra)
             rows = []
             for name in impls:
-                for kind in ("forward", "forward+backward", "inverse"):
+                for kind in PASSES:
                     t, ours = times[(name, kind)], times[("nflux", kind)]
                     mem = ""
-                    if kind == "forward+backward" and peaks:
+                    if kind == "fwd+bwd .grad" and peaks:
                         own, our_own = max(peaks[name] - floor, 0), max(peaks["nflux"] - floor, 0)
                         # Below the resolution, nflux's own memory is ~0: the ratio is a lower bound.
                         bound = ">= " if our_own < OWN_RESOLUTION else ""
@@ -261,6 +321,8 @@ def main() -> None:
                     rows.append([name, kind, H.fmt_time(t), f"{t / ours:.2f}x", mem])
             print(f"\n{op} {shape_name} {list(shape)}: memory floor (y, logabsdet, gradients) {H.fmt_bytes(floor)}")
             H.print_table(["impl", "pass", "time", "time / nflux", "memory (/ nflux)"], rows)
+            if op == "coupling":
+                coupling_ceiling(shape, times, device, dtype, args.rounds)
     scale_kinds(device, dtype, args.rounds)
 
 
