@@ -168,7 +168,9 @@ def fwd_grad(impl, tensors):
     return torch.autograd.grad((y, lad), [t for t in tensors if t.requires_grad], cotangents(y, lad))
 
 
-PASSES = ("forward", "forward+backward", "fwd+bwd .grad", "inverse")
+# The two forward+backward passes (see the module docstring) and what runs each.
+BACKWARD_PASSES = {"forward+backward": fwd_grad, "fwd+bwd .grad": fwd_bwd}
+PASSES = ("forward", *BACKWARD_PASSES, "inverse")
 
 
 def floor_bytes(impl, tensors) -> int:
@@ -217,11 +219,8 @@ def coupling_ceiling(shape, times, device, dtype, rounds) -> None:
     """
     # Four elements of x's rank: the same calls, next to no data.
     small = coupling_inputs((FIXED_COST_BATCH, *[1] * (len(shape) - 1)), device, dtype, True)
-    fns = {}
-    for name in ("nflux", "unfused"):
-        impl = COUPLING[name]
-        fns[(name, "forward+backward")] = lambda impl=impl: fwd_grad(impl, small)
-        fns[(name, "fwd+bwd .grad")] = lambda impl=impl: fwd_bwd(impl, small)
+    fns = {(name, kind): (lambda run=run, impl=COUPLING[name]: run(impl, small))
+           for name in ("nflux", "unfused") for kind, run in BACKWARD_PASSES.items()}
     fixed = H.time_interleaved(fns, device=device, rounds=rounds * 4, warmup=5)
     rows = []
     for kind, (ours, theirs) in COUPLING_PASSES.items():
@@ -288,10 +287,8 @@ def main() -> None:
             for kind in PASSES:
                 fns = {}
                 for name, impl in impls.items():
-                    if kind == "forward+backward":
-                        fns[name] = lambda impl=impl: fwd_grad(impl, grads)
-                    elif kind == "fwd+bwd .grad":
-                        fns[name] = lambda impl=impl: fwd_bwd(impl, grads)
+                    if kind in BACKWARD_PASSES:
+                        fns[name] = lambda run=BACKWARD_PASSES[kind], impl=impl: run(impl, grads)
                     elif kind == "forward":
                         fns[name] = lambda impl=impl: _no_grad(impl, *plain, False)
                     else:

@@ -40,6 +40,7 @@ struct Factors {
   at::Tensor unit_lower;      // L + I (only when asked for)
   at::Tensor permuted_lower;  // P (L + I): row i is row perm[i] of L + I
   at::Tensor upper_diag;      // U + diag(sign * exp(log_scale)), input_log_scale folded in
+  at::Tensor column_scale;    // exp(input_log_scale), U's column factors (only with it)
   // Host path only: perm's entries, and sum(log_scale) (+ sum(input_log_scale)) in double.
   bool on_host = false;
   std::vector<int64_t> host_perm;
@@ -72,22 +73,15 @@ std::vector<int64_t> read_host_perm(const at::Tensor& perm) {
   return out;
 }
 
-// exp(input_log_scale), the factor on U's columns, or ones without it: [C], contiguous.
-at::Tensor column_scale(const LuParams& p) {
-  return p.input_log_scale ? at::exp(*p.input_log_scale).contiguous()
-                           : at::ones({p.lower.size(0)}, p.lower.options());
-}
-
+// column: exp(input_log_scale), U's column factors, or nullptr for ones (no input_log_scale).
 template <typename T>
-void fill_factors(const LuParams& p, const std::vector<int64_t>& perm, T* unit_lower,
-                  T* permuted_lower, T* upper_diag, double& log_scale_sum) {
+void fill_factors(const LuParams& p, const std::vector<int64_t>& perm, const T* column,
+                  T* unit_lower, T* permuted_lower, T* upper_diag, double& log_scale_sum) {
   const auto lower_t = p.lower.contiguous(), upper_t = p.upper.contiguous(),
-             log_scale_t = p.log_scale.contiguous(), sign_t = p.sign.contiguous(),
-             column_t = column_scale(p);
+             log_scale_t = p.log_scale.contiguous(), sign_t = p.sign.contiguous();
   const auto in_scale_t = p.input_log_scale ? p.input_log_scale->contiguous() : at::Tensor();
   const T *lower = lower_t.data_ptr<T>(), *upper = upper_t.data_ptr<T>(),
-          *log_scale = log_scale_t.data_ptr<T>(), *sign = sign_t.data_ptr<T>(),
-          *column = column_t.data_ptr<T>();
+          *log_scale = log_scale_t.data_ptr<T>(), *sign = sign_t.data_ptr<T>();
   const T* input_log_scale = in_scale_t.defined() ? in_scale_t.data_ptr<T>() : nullptr;
   const int64_t C = lower_t.size(0);
   double total = 0;
@@ -97,7 +91,7 @@ void fill_factors(const LuParams& p, const std::vector<int64_t>& perm, T* unit_l
     const T* l = lower + i * C;
     const T* u = upper + i * C;
     T* ud = upper_diag + i * C;
-    for (int64_t j = 0; j < C; ++j) ud[j] = j > i ? u[j] * column[j] : T(0);
+    for (int64_t j = 0; j < C; ++j) ud[j] = j > i ? (column ? u[j] * column[j] : u[j]) : T(0);
     ud[i] = sign[i] * std::exp(s);
     if (unit_lower != nullptr) {
       T* ul = unit_lower + i * C;
@@ -115,15 +109,10 @@ void fill_factors(const LuParams& p, const std::vector<int64_t>& perm, T* unit_l
   log_scale_sum = total;
 }
 
-// Generic path: upper and log_scale with input_log_scale folded in.
-std::pair<at::Tensor, at::Tensor> folded_upper_log_scale(const LuParams& p) {
-  if (!p.input_log_scale) return {p.upper, p.log_scale};
-  return {p.upper * at::exp(*p.input_log_scale), p.log_scale + *p.input_log_scale};
-}
-
 // need_unit_lower: the inverse's solves; need_permuted_lower: W itself (forward, backward).
 Factors make_factors(const LuParams& p, bool need_unit_lower, bool need_permuted_lower) {
   Factors f;
+  if (p.input_log_scale) f.column_scale = at::exp(*p.input_log_scale).contiguous();
   if (host_fast_path(p.lower)) {
     const int64_t C = p.lower.size(0);
     const auto options = p.lower.options();
@@ -134,13 +123,16 @@ Factors make_factors(const LuParams& p, bool need_unit_lower, bool need_permuted
     if (need_unit_lower) f.unit_lower = at::empty({C, C}, options);
     AT_DISPATCH_FLOATING_TYPES(p.lower.scalar_type(), "lu_factors", [&] {
       fill_factors<scalar_t>(p, f.host_perm,
+                             p.input_log_scale ? f.column_scale.data_ptr<scalar_t>() : nullptr,
                              need_unit_lower ? f.unit_lower.data_ptr<scalar_t>() : nullptr,
                              need_permuted_lower ? f.permuted_lower.data_ptr<scalar_t>() : nullptr,
                              f.upper_diag.data_ptr<scalar_t>(), f.log_scale_sum);
     });
     return f;
   }
-  const auto [upper, log_scale] = folded_upper_log_scale(p);
+  // Generic path: upper and log_scale with input_log_scale folded in.
+  const auto upper = p.input_log_scale ? p.upper * f.column_scale : p.upper;
+  const auto log_scale = p.input_log_scale ? p.log_scale + *p.input_log_scale : p.log_scale;
   // Fresh tensors written in place: fewer small kernels than eye + tril + add.
   auto unit_lower = p.lower.tril(-1);
   unit_lower.diagonal().fill_(1);
@@ -171,6 +163,7 @@ struct ParameterGrads {
 // d UD_ii / d log_scale_i = UD_ii; logabsdet adds lad_factor * sum(grad_logabsdet) to each.
 // With input_log_scale s: U' = U diag(exp(s)) (UD's strict upper triangle), so
 // dL/dU = dL/dU' diag(exp(s)) and dL/ds_j = sum_i dL/dU'_ij U'_ij + dL/dlog_scale_j.
+// column_scale: as in fill_factors (nullptr: ones).
 template <typename T>
 void fill_parameter_grads(const std::vector<int64_t>& perm, const T* column_scale,
                           const T* upper_diag, const T* grad_pl, const T* grad_ud,
@@ -188,7 +181,7 @@ void fill_parameter_grads(const std::vector<int64_t>& perm, const T* column_scal
     const T* gu = grad_ud + i * C;
     const T* ud = upper_diag + i * C;
     T* out = grad_upper + i * C;
-    for (int64_t j = 0; j < C; ++j) out[j] = j > i ? gu[j] * column_scale[j] : T(0);
+    for (int64_t j = 0; j < C; ++j) out[j] = j > i ? (column_scale ? gu[j] * column_scale[j] : gu[j]) : T(0);
     if (grad_input_log_scale != nullptr) {
       for (int64_t j = i + 1; j < C; ++j) grad_input_log_scale[j] += gu[j] * ud[j];
     }
@@ -211,10 +204,9 @@ ParameterGrads parameter_grads(const Factors& f, const at::Tensor& grad_w, const
     g.log_scale = at::empty({C}, grad_w.options());
     if (p.input_log_scale) g.input_log_scale = at::empty({C}, grad_w.options());
     const auto gl = grad_logabsdet.contiguous();
-    const auto column = column_scale(p);
     AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "lu_parameter_grads", [&] {
       fill_parameter_grads<scalar_t>(
-          f.host_perm, column.data_ptr<scalar_t>(), f.upper_diag.data_ptr<scalar_t>(),
+          f.host_perm, p.input_log_scale ? f.column_scale.data_ptr<scalar_t>() : nullptr, f.upper_diag.data_ptr<scalar_t>(),
           grad_pl.data_ptr<scalar_t>(), grad_ud.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(),
           gl.numel(), lad_factor, g.lower.data_ptr<scalar_t>(), g.upper.data_ptr<scalar_t>(),
           g.log_scale.data_ptr<scalar_t>(),
@@ -229,7 +221,7 @@ ParameterGrads parameter_grads(const Factors& f, const at::Tensor& grad_w, const
     // upper_diag holds U' only in its strict upper triangle: entries below it (an inf, say)
     // never meet the gradient as inf * 0.
     g.input_log_scale = (g.upper * f.upper_diag).sum(0) + g.log_scale;
-    g.upper = g.upper * at::exp(*p.input_log_scale);
+    g.upper = g.upper * f.column_scale;
   }
   return g;
 }

@@ -163,12 +163,11 @@ def _check_args(name: str, shape, data_levels, **sizes):
     MultiScale): shape (C, H, W) of positive sizes, every given size an int >= 1, and
     data_levels an int >= 2."""
     try:
-        if len(shape) != 3:
-            raise ValueError
-        for v in shape:
-            check_count("shape", v, 1)
+        valid = len(shape) == 3 and all(check_count("shape", v, 1) for v in shape)
     except ValueError:
-        raise ValueError(f"nflux: {name}.image shape must be (C, H, W) of positive ints, got {tuple(shape)}") from None
+        valid = False
+    if not valid:
+        raise ValueError(f"nflux: {name}.image shape must be (C, H, W) of positive ints, got {tuple(shape)}")
     for key, v in sizes.items():
         if v is not None:
             check_count(f"{name}.image {key}", v, 1)
